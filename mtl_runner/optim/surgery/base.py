@@ -1,0 +1,80 @@
+"""Common interface of gradient-surgery methods.
+
+A surgery method turns the per-task gradient matrix ``J`` (rows ``g_t`` of the shared
+parameters, already scaled by the balancer's weights) into one update direction ``d``.
+Scale convention for the whole project: ``none`` returns ``J.sum(0)``, and every other
+method returns a direction on that scale (convex-combination methods multiply their
+convex weights by ``T``), so that switching methods does not silently change the
+effective learning rate under SGD.
+
+Methods that are a re-weighting of the rows (``d = w @ J``) derive from
+:class:`GramianWeighting` and only implement :meth:`GramianWeighting.weights`, which sees
+the ``T x T`` Gramian ``M = J J^T``. The engine can then avoid materialising ``J`` (the
+features-space mode) and the same code serves both spaces.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+Space = Literal["params", "features"]
+
+
+class Surgery:
+    """A callable ``J (T, P) -> d (P,)`` on the same device and dtype as ``J``.
+
+    Attributes set by the engine before training (see :meth:`setup`):
+    ``generator`` is the run's seeded RNG for methods with randomness, so that a seed
+    reproduces a run. ``last_weights`` holds the effective per-task weights of the last
+    call where the method defines them (logged as ``surgery_weight/<task>``), else None.
+    """
+
+    #: False only for ``none``: the engine then takes the single-backward fast path.
+    needs_jacobian: bool = True
+    #: Whether the method is a pure re-weighting of the rows (features space allowed).
+    is_row_weighting: bool = False
+
+    def __init__(self, space: Space = "params") -> None:
+        if space not in ("params", "features"):
+            raise ValueError(f"surgery.space must be 'params' or 'features', got {space!r}")
+        if space == "features" and not self.is_row_weighting:
+            raise ValueError(
+                f"surgery.space=features needs a method that re-weights task gradients; "
+                f"{type(self).__name__} works on J itself, so use surgery.space=params"
+            )
+        self.space: Space = space
+        self.generator: torch.Generator | None = None
+        self.last_weights: Tensor | None = None
+
+    def setup(self, num_tasks: int, generator: torch.Generator | None) -> None:
+        """Called once by the engine with the number of tasks and the run's RNG."""
+        self.generator = generator
+
+    def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    # Stateful methods (EMA targets, cached weights) override these for checkpoints.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+class GramianWeighting(Surgery):
+    """A surgery method whose direction is ``weights(J J^T) @ J``."""
+
+    is_row_weighting = True
+
+    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        """``(T, T)`` Gramian (and optionally the losses) to ``(T,)`` row weights."""
+        raise NotImplementedError
+
+    def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
+        gramian = jacobian @ jacobian.T
+        weights = self.weights(gramian, losses).to(jacobian.dtype)
+        self.last_weights = weights
+        return weights @ jacobian

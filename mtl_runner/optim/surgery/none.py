@@ -1,0 +1,23 @@
+"""``surgery=none``: the plain sum of task gradients (the engine's single-backward fast path)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtl_runner.optim.surgery.base import GramianWeighting
+
+
+class NoSurgery(GramianWeighting):
+    """``d = sum_t g_t``. The engine skips the Jacobian entirely when this is selected,
+    unless something else in the step (a diagnostics step, a gradient-based balancer)
+    already needs per-task gradients."""
+
+    needs_jacobian = False
+
+    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+
+    def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
+        self.last_weights = None
+        return jacobian.sum(0)

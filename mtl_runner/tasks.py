@@ -1,0 +1,234 @@
+"""Tasks as data: what a dataset declares and the trainer consumes.
+
+A :class:`Task` names a prediction problem, its kind (which picks the head and the
+metrics), its loss and its metrics with their direction. Nothing in the trainer is
+specific to a dataset: it loops over ``TaskSet`` and calls these objects.
+
+Metrics accumulate on the model's device (confusion matrices, sums, histograms) and are
+read back once per evaluation, so evaluation never synchronises per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TaskKind = Literal["segmentation", "depth", "normals", "classification", "regression"]
+DENSE_KINDS: frozenset[str] = frozenset({"segmentation", "depth", "normals"})
+REGRESSION_KINDS: frozenset[str] = frozenset({"depth", "normals", "regression"})
+IGNORE_INDEX = -1
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    higher_is_better: bool
+
+
+class MetricAccumulator(Protocol):
+    def update(self, pred: Tensor, target: Tensor) -> None: ...
+    def compute(self) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a dataset.
+
+    ``num_outputs`` is the number of classes (classification kinds) or output channels
+    (regression kinds). ``auxiliary`` tasks are trained and logged but excluded from Δm.
+    ``loss_name`` selects the loss among those defined for the kind (see :func:`task_loss`).
+    """
+
+    name: str
+    kind: TaskKind
+    num_outputs: int
+    loss_name: str = "default"
+    auxiliary: bool = False
+    class_names: tuple[str, ...] = field(default=())
+
+    @property
+    def is_dense(self) -> bool:
+        return self.kind in DENSE_KINDS
+
+    @property
+    def is_regression(self) -> bool:
+        return self.kind in REGRESSION_KINDS
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        return METRICS[self.kind]
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return task_loss(self, pred, target)
+
+    def accumulator(self, device: torch.device) -> MetricAccumulator:
+        return ACCUMULATORS[self.kind](self, device)
+
+
+METRICS: dict[str, tuple[Metric, ...]] = {
+    "segmentation": (Metric("miou", True), Metric("pix_acc", True)),
+    "depth": (Metric("abs_err", False), Metric("rel_err", False)),
+    "normals": (
+        Metric("mean_angle", False),
+        Metric("median_angle", False),
+        Metric("within_11.25", True),
+        Metric("within_22.5", True),
+        Metric("within_30", True),
+    ),
+    "classification": (Metric("accuracy", True),),
+    "regression": (Metric("mse", False), Metric("mae", False)),
+}
+
+
+def _valid_depth(target: Tensor) -> Tensor:
+    """Depth pixels without a measurement are stored as 0 (the NYUv2/Cityscapes convention)."""
+    return target > 0
+
+
+def task_loss(task: Task, pred: Tensor, target: Tensor) -> Tensor:
+    """The standard loss of each task kind (as in the MTAN/LibMTL protocols).
+
+    Depth uses L1 over valid pixels by default (``loss_name="mse"`` for squared error);
+    normals use ``1 - cos`` over valid pixels (target norm > 0); segmentation ignores
+    pixels labelled :data:`IGNORE_INDEX`.
+    """
+    kind = task.kind
+    if kind in ("segmentation", "classification"):
+        return F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX)
+    if kind == "depth":
+        valid = _valid_depth(target)
+        diff = (pred.float() - target)[valid]
+        if diff.numel() == 0:
+            return pred.sum() * 0.0
+        return diff.pow(2).mean() if task.loss_name == "mse" else diff.abs().mean()
+    if kind == "normals":
+        pred_n = F.normalize(pred.float(), dim=1)
+        valid = target.abs().sum(1) > 0
+        cos = (pred_n * target).sum(1)[valid]
+        if cos.numel() == 0:
+            return pred.sum() * 0.0
+        return (1.0 - cos).mean()
+    if kind == "regression":
+        pred = pred.float().reshape(target.shape)
+        return F.l1_loss(pred, target) if task.loss_name == "l1" else F.mse_loss(pred, target)
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
+class _ConfusionAccumulator:
+    """mIoU over the classes present in prediction or target (absent classes are skipped,
+    as in the MTAN/LibMTL evaluation), and pixel accuracy over labelled pixels."""
+
+    def __init__(self, task: Task, device: torch.device) -> None:
+        self.num_classes = task.num_outputs
+        self.confusion = torch.zeros(self.num_classes**2, dtype=torch.long, device=device)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        labels = pred.argmax(1)
+        valid = target != IGNORE_INDEX
+        idx = target[valid] * self.num_classes + labels[valid]
+        self.confusion += torch.bincount(idx, minlength=self.num_classes**2)
+
+    def compute(self) -> dict[str, float]:
+        conf = self.confusion.view(self.num_classes, self.num_classes).double()
+        true_pos = conf.diag()
+        union = conf.sum(0) + conf.sum(1) - true_pos
+        present = union > 0
+        miou = (true_pos[present] / union[present]).mean() if present.any() else torch.tensor(0.0)
+        total = conf.sum()
+        pix_acc = true_pos.sum() / total if total > 0 else torch.tensor(0.0)
+        return {"miou": float(miou), "pix_acc": float(pix_acc)}
+
+
+class _DepthAccumulator:
+    """Mean absolute and relative error over valid pixels of the whole split (pixel-weighted)."""
+
+    def __init__(self, task: Task, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        valid = _valid_depth(target)
+        p, t = pred.reshape(target.shape)[valid].double(), target[valid].double()
+        err = (p - t).abs()
+        self.sums += torch.stack([err.sum(), (err / t).sum(), torch.tensor(float(t.numel()), device=t.device, dtype=torch.float64)])
+
+    def compute(self) -> dict[str, float]:
+        abs_sum, rel_sum, count = self.sums.tolist()
+        count = max(count, 1.0)
+        return {"abs_err": abs_sum / count, "rel_err": rel_sum / count}
+
+
+class _NormalsAccumulator:
+    """Angle errors in degrees over valid pixels; the median comes from a 0.01-degree
+    histogram kept on the device, so the whole split never has to be held in memory."""
+
+    BINS = 18000
+
+    def __init__(self, task: Task, device: torch.device) -> None:
+        self.hist = torch.zeros(self.BINS, dtype=torch.long, device=device)
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        valid = target.abs().sum(1) > 0
+        cos = (F.normalize(pred.float(), dim=1) * F.normalize(target.float(), dim=1)).sum(1)[valid]
+        angle = torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0))).double()
+        self.hist += torch.bincount((angle / 180.0 * self.BINS).long().clamp_max(self.BINS - 1), minlength=self.BINS)
+        self.sums += torch.stack(
+            [angle.sum(), (angle < 11.25).sum().double(), (angle < 22.5).sum().double(),
+             (angle < 30).sum().double(), torch.tensor(float(angle.numel()), device=angle.device, dtype=torch.float64)]
+        )
+
+    def compute(self) -> dict[str, float]:
+        angle_sum, w11, w22, w30, count = self.sums.tolist()
+        if count == 0:
+            return {m.name: math.nan for m in METRICS["normals"]}
+        cumulative = self.hist.cumsum(0)
+        median_bin = int(torch.searchsorted(cumulative, torch.tensor((count + 1) // 2, device=cumulative.device)))
+        return {
+            "mean_angle": angle_sum / count,
+            "median_angle": (median_bin + 0.5) * 180.0 / self.BINS,
+            "within_11.25": w11 / count,
+            "within_22.5": w22 / count,
+            "within_30": w30 / count,
+        }
+
+
+class _AccuracyAccumulator:
+    def __init__(self, task: Task, device: torch.device) -> None:
+        self.counts = torch.zeros(2, dtype=torch.long, device=device)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        valid = target != IGNORE_INDEX
+        correct = (pred.argmax(-1) == target) & valid
+        self.counts += torch.stack([correct.sum(), valid.sum()])
+
+    def compute(self) -> dict[str, float]:
+        correct, total = self.counts.tolist()
+        return {"accuracy": correct / max(total, 1)}
+
+
+class _RegressionAccumulator:
+    def __init__(self, task: Task, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        diff = (pred.reshape(target.shape) - target).double()
+        self.sums += torch.stack([diff.pow(2).sum(), diff.abs().sum(), torch.tensor(float(diff.numel()), device=diff.device, dtype=torch.float64)])
+
+    def compute(self) -> dict[str, float]:
+        sq, ab, count = self.sums.tolist()
+        count = max(count, 1.0)
+        return {"mse": sq / count, "mae": ab / count}
+
+
+ACCUMULATORS = {
+    "segmentation": _ConfusionAccumulator,
+    "depth": _DepthAccumulator,
+    "normals": _NormalsAccumulator,
+    "classification": _AccuracyAccumulator,
+    "regression": _RegressionAccumulator,
+}
