@@ -1,0 +1,3 @@
+from mtl_runner.cli import run
+
+run()

@@ -1,0 +1,68 @@
+"""Objects from a validated config: dataset, model, balancer, surgery, optimizer."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from mtl_runner.config import ConfigError
+from mtl_runner.data.base import TaskSet
+from mtl_runner.models.sharing.base import SharingModel
+from mtl_runner.optim.balancers.base import Balancer
+from mtl_runner.optim.surgery.base import Surgery
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name}: CUDA is not available on this machine; use trainer.device=auto or cpu")
+    return device
+
+
+def _instantiate(node: DictConfig, key: str, **runtime: Any) -> Any:
+    """Instantiate a group, turning the target's own argument checks into ConfigErrors.
+
+    Runtime objects (tasks, factories) are passed to the callable directly rather than
+    through Hydra, which would convert them into configs."""
+    try:
+        return instantiate(node, _convert_="all", _partial_=True)(**runtime)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        cause = exc
+        while cause.__cause__ is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError, KeyError)):
+            raise ConfigError(str(cause).splitlines()[0] if str(cause) else f"{key}: {type(cause).__name__}") from None
+        raise
+
+
+def build_taskset(cfg: DictConfig) -> TaskSet:
+    return _instantiate(cfg.dataset, "dataset")
+
+
+def build_model(cfg: DictConfig, taskset: TaskSet) -> SharingModel:
+    backbone = partial(instantiate(cfg.backbone, _convert_="all", _partial_=True), input_shape=tuple(taskset.input_shape))
+    return _instantiate(cfg.sharing, "sharing", backbone=backbone, tasks=taskset.tasks, input_shape=tuple(taskset.input_shape))
+
+
+def build_balancer(cfg: DictConfig) -> Balancer:
+    return _instantiate(cfg.balancer, "balancer")
+
+
+def build_surgery(cfg: DictConfig) -> Surgery:
+    return _instantiate(cfg.surgery, "surgery")
+
+
+def optimizer_factory(cfg: DictConfig) -> Any:
+    return lambda groups: _instantiate(cfg.optimizer, "optimizer", params=groups)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

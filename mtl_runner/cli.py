@@ -1,0 +1,148 @@
+"""Entry points: ``mtl-run`` (Hydra) and ``mtl-report``.
+
+``mtl-run`` first composes and validates the configuration of every job it is about to
+launch (all jobs of a ``-m`` grid), so that bad input fails in a second with one line
+naming the key and what is allowed, before Hydra creates any output directory. Then it
+hands over to Hydra, which owns ``--help``, ``--cfg``, multirun and launchers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from mtl_runner.config import ConfigError, register_schema, validate
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: Hydra flags after which mtl-run only prints something: nothing to validate.
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--shell-completion", "-sc", "--resolve"}
+
+register_schema()
+
+
+def fail(message: str) -> None:
+    print(f"mtl-run: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Every job's override list, as the basic sweeper would launch them."""
+    if not multirun:
+        return [overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if any(o.key_or_group.startswith(("hydra/sweeper", "hparams_search")) for o in parsed):
+        return [[o.input_line for o in parsed if not o.is_sweep_override()]]
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return [job for batch in batches for job in batch]
+
+
+def _explain(exc: Exception, overrides: list[str]) -> str:
+    """One line for a composition error: which key, what is allowed."""
+    if isinstance(exc, MissingConfigException):
+        missing = getattr(exc, "missing_cfg_file", None) or ""
+        group, _, option = str(missing).rpartition("/")
+        if group and (CONF_DIR / group).is_dir():
+            return f"{group}={option}: no such option; allowed: {', '.join(_options(group))}"
+        return str(exc).splitlines()[0]
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse override: {str(exc).splitlines()[0]}"
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        key = str(cause.full_key)
+        parent, _, _ = key.rpartition(".")
+        rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+        try:
+            base = compose("config", overrides=rest)
+            node = OmegaConf.select(base, parent) if parent else base
+            allowed = ", ".join(str(k) for k in node.keys() if not str(k).startswith("_")) if isinstance(node, DictConfig) else ""
+        except Exception:
+            allowed = ""
+        return f"unknown key {key}" + (f"; allowed: {allowed}" if allowed else "")
+    if isinstance(cause, ValidationError) and cause.full_key:
+        return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
+    return str(exc).splitlines()[0]
+
+
+def _sweep_naming(overrides: list[str]) -> list[str]:
+    """Name sweep jobs by what varies: overrides shared by every job of the sweep are
+    left out of the job directory name (and so of the TensorBoard run name)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    constant = [o.key_or_group for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    excluded = ["trainer.progress", "trainer.device", *constant]
+    return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]"]
+
+
+def preflight(argv: list[str]) -> list[str]:
+    """Compose and validate every job before Hydra starts; exit 2 with one line on error.
+    Returns extra Hydra overrides to append (job naming for sweeps)."""
+    if any(a.split("=", 1)[0] in INFO_FLAGS for a in argv):
+        return []
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    try:
+        jobs = _job_overrides(list(args.overrides), bool(args.multirun))
+    except OverrideParseException as exc:
+        fail(f"cannot parse override: {str(exc).splitlines()[0]}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for job in jobs:
+            try:
+                cfg = compose("config", overrides=job)
+            except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as exc:
+                fail(_explain(exc, job))
+            try:
+                validate(cfg)
+            except ConfigError as exc:
+                fail(str(exc))
+    return _sweep_naming(list(args.overrides)) if args.multirun else []
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from mtl_runner.runner import run_experiment
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        validate(cfg)
+        run_experiment(cfg, run_dir, run_name=_run_name(hydra_cfg))
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def _run_name(hydra_cfg: DictConfig) -> str:
+    overrides = hydra_cfg.job.override_dirname
+    return overrides or Path(hydra_cfg.runtime.output_dir).name
+
+
+def run() -> None:
+    """``mtl-run``: validate, then let Hydra compose, launch and record the run(s)."""
+    sys.argv += preflight(sys.argv[1:])
+    _hydra_main()
+
+
+def report() -> None:
+    """``mtl-report``: compare runs and sweeps (see :mod:`mtl_runner.report`)."""
+    from mtl_runner.report import main
+
+    main()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,198 @@
+"""The configuration schema and its validation.
+
+Two layers, both run before any training (and before Hydra creates a run directory,
+see ``cli.preflight``):
+
+1. The typed top-level schema (:class:`RunConfig`, registered in Hydra's ConfigStore as
+   ``config_schema``) fixes the keys and types of the plain groups (trainer,
+   diagnostics, ...). OmegaConf rejects unknown keys and wrong types on composition.
+2. Groups that build objects through ``_target_`` (dataset, backbone, sharing, balancer,
+   surgery, optimizer) are checked against the signature of their target: every key
+   must be a parameter of the callable, and values must fit its annotations. One
+   mechanism serves every option, including a user's own class named by ``_target_``,
+   so an option's parameters are declared once, in its Python signature.
+
+Every failure is a :class:`ConfigError` with a one-line message naming the key and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+TARGET_GROUPS = ("dataset", "backbone", "sharing", "balancer", "surgery", "optimizer")
+#: Arguments the runner passes itself when it builds the object (not user-settable).
+RUNTIME_ARGS: dict[str, frozenset[str]] = {
+    "backbone": frozenset({"input_shape"}),
+    "sharing": frozenset({"backbone", "tasks", "input_shape"}),
+    "optimizer": frozenset({"params"}),
+}
+
+
+class ConfigError(ValueError):
+    """Bad user input: reported as one line, exit code 2, nothing written."""
+
+
+@dataclass
+class TrainerConfig:
+    """Types of ``trainer.*``; the values live in ``conf/trainer/default.yaml``."""
+
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    device: str = MISSING
+    seed: int = MISSING
+    lr_schedule: str = MISSING
+    warmup_epochs: int = MISSING
+    jacobian: str = MISSING
+    log_every_n_steps: int = MISSING
+    progress: str = MISSING
+    num_workers: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    dataset: Any = None
+    backbone: Any = None
+    sharing: Any = None
+    balancer: Any = None
+    surgery: Any = None
+    optimizer: Any = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+#: (key, predicate, what is allowed) for values whose type alone does not say enough.
+VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("trainer.epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.device", lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
+    ("trainer.lr_schedule", lambda v: v in ("cosine", "constant"), "cosine or constant"),
+    ("trainer.warmup_epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("trainer.jacobian", lambda v: v in ("auto", "batched", "sequential"), "auto, batched or sequential"),
+    ("trainer.log_every_n_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.progress", lambda v: v in ("auto", "bar", "lines", "off"), "auto, bar, lines or off"),
+    ("trainer.num_workers", lambda v: v is None or v >= 0, "null or an integer >= 0"),
+    ("optimizer.lr", lambda v: v > 0, "a float > 0"),
+]
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="config_schema", node=RunConfig)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first problem found in a composed config."""
+    for group in TARGET_GROUPS:
+        node = cfg.get(group)
+        if node is None:
+            raise ConfigError(f"{group}: no option selected; choose one with {group}=NAME")
+        validate_target_node(node, group)
+    for key, ok, allowed in VALUE_RULES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and key != "trainer.num_workers":
+            continue
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{key}={value!r} is not allowed; expected {allowed}")
+
+
+def validate_target_node(node: Any, path: str) -> None:
+    """Check a ``_target_`` node's keys and value types against its target's signature."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"{path}: expected a config with _target_, got {OmegaConf.to_yaml(node).strip()!r}")
+    target_name = node["_target_"]
+    try:
+        target = get_object(target_name)
+    except Exception as exc:  # hydra raises ImportError or its own error types
+        raise ConfigError(f"{path}._target_: cannot import {target_name!r} ({exc.__class__.__name__})") from None
+    signature = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # unresolvable annotations (third-party code): check names only
+        hints = {}
+    params = signature.parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    runtime = RUNTIME_ARGS.get(path.split(".")[0], frozenset())
+    allowed = sorted(n for n, p in params.items() if n not in runtime and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    for key in node.keys():
+        if str(key).startswith("_") and str(key).endswith("_"):
+            continue
+        if key in runtime:
+            raise ConfigError(f"{path}.{key} is set by the runner and cannot be configured")
+        if key not in params:
+            if accepts_any:
+                continue
+            raise ConfigError(
+                f"unknown key {path}.{key} for {path.split('.')[0]}={_short(target_name)}; allowed: {', '.join(allowed) or '(none)'}"
+            )
+        value = OmegaConf.to_container(node[key], resolve=True) if isinstance(node[key], (DictConfig, ListConfig)) else node[key]
+        annotation = hints.get(key)
+        if annotation is not None and not _fits(value, annotation):
+            raise ConfigError(f"{path}.{key}={value!r} is not {_describe(annotation)}")
+
+
+def _short(target_name: str) -> str:
+    return target_name.rsplit(".", 2)[-2] if target_name.count(".") >= 2 else target_name
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a config value fits a (simple) type annotation; unknown forms pass."""
+    if annotation is Any or (isinstance(value, dict) and "_target_" in value):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    container = origin or annotation
+    if container in (list, tuple, typing.Sequence, abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return not args or all(any(_fits(v, a) for a in args) for v in value)
+    if container in (dict, typing.Mapping, abc.Mapping):
+        if not isinstance(value, dict):
+            return False
+        args = typing.get_args(annotation)
+        return len(args) != 2 or all(_fits(v, args[1]) for v in value.values())
+    if isinstance(container, type):
+        return isinstance(value, container)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    names = {int: "an integer", float: "a float", bool: "true or false", str: "a string", type(None): "null"}
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+    if origin in (list, tuple) or annotation in (list, tuple):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))

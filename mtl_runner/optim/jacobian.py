@@ -1,0 +1,297 @@
+"""The per-task gradient engine: one training step's backward pass.
+
+Per step the engine decides how much gradient information it needs:
+
+- nothing per task (``surgery=none``, no gradient-based balancer, no diagnostics step):
+  one backward of ``sum_t w_t L_t``, the fast path;
+- the per-task gradients of the last shared layer only (GradNorm with ``surgery=none``):
+  ``T`` short backward passes that stop at that layer, then the fast path;
+- the Jacobian ``J`` (``T x P``) of the shared parameters: ``batched`` (one vectorised
+  backward over the ``T`` rows, ``is_grads_batched``) or ``sequential`` (``T`` backward
+  passes); ``auto`` times both on the first such steps and keeps the faster. Task heads
+  get their own task's weighted gradient from the same passes;
+- in the features space (``surgery.space=features``): the gradients of the shared
+  representation ``z`` per task (cheap: they stop at ``z``), the surgery's row weights
+  from their ``T x T`` Gramian, then one weighted backward through the encoder.
+
+The balancer's weights scale the rows before surgery. No ``.item()`` or host transfer
+happens here, except while ``auto`` times its two candidates on the first steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from mtl_runner.models.sharing.base import SharingModel
+from mtl_runner.optim.balancers.base import Balancer
+from mtl_runner.optim.surgery.base import GramianWeighting, Surgery
+
+Strategy = Literal["auto", "batched", "sequential"]
+AUTO_TRIALS = 2  # timed steps per candidate before auto settles
+
+
+@dataclass
+class StepGradients:
+    """What one step's backward produced, for diagnostics and logging.
+
+    ``jacobian`` holds the unweighted per-task gradient rows (shared parameters, or the
+    shared representation in the features space) when the step computed them.
+    ``surgery_weights`` are the effective per-task weights the surgery applied, where
+    the method defines them.
+    """
+
+    jacobian: Tensor | None = None
+    surgery_weights: Tensor | None = None
+
+
+class GradientEngine:
+    def __init__(
+        self,
+        model: SharingModel,
+        balancer: Balancer,
+        surgery: Surgery,
+        strategy: Strategy = "auto",
+    ) -> None:
+        if strategy not in ("auto", "batched", "sequential"):
+            raise ValueError(f"trainer.jacobian must be auto, batched or sequential, got {strategy!r}")
+        self.model = model
+        self.balancer = balancer
+        self.surgery = surgery
+        self.features_space = surgery.space == "features"
+        if self.features_space and not model.supports_features_space:
+            raise ValueError(
+                f"surgery.space=features needs a sharing strategy with one shared representation "
+                f"(sharing=hard); {type(model).__name__} has none: use surgery.space=params"
+            )
+        self.shared = [p for p in model.shared_parameters() if p.requires_grad]
+        self.task_params = {t: [p for p in model.task_parameters(t) if p.requires_grad] for t in model.task_names}
+        last_ids = {id(p) for p in model.last_shared_parameters()} if balancer.requires_grads == "last_shared" else set()
+        self.last_shared = [p for p in self.shared if id(p) in last_ids]
+        self._last_columns = _columns_of(self.shared, last_ids)
+        self.strategy: Strategy = strategy
+        self._timings: dict[str, list[float]] = {"batched": [], "sequential": []}
+        self._features: tuple[Tensor, Tensor] | None = None
+        self._z: Tensor | None = None
+        self.balancer_params = [p for p in balancer.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """The model's forward; in the features space ``z`` is detached so that per-task
+        gradients stop there."""
+        if not self.features_space:
+            return self.model(x)
+        z = self.model.encode(x)
+        z_leaf = z.detach().requires_grad_(True)
+        self._features = (z, z_leaf)
+        return self.model.decode(z_leaf)
+
+    # ----------------------------------------------------------------- backward
+    def backward(self, losses: Tensor, weights: Tensor, *, need_jacobian: bool = False) -> StepGradients:
+        """Fill ``.grad`` of the model's (and the balancer's) parameters for this step.
+
+        ``need_jacobian`` asks for per-task gradients even when neither the surgery nor
+        the balancer needs them (a diagnostics step); the direction is then the same sum
+        the fast path would give.
+        """
+        w = weights.detach()
+        self._balancer_backward(losses, weights)
+        extra = self.model.penalty()
+        wants_full = need_jacobian or self.surgery.needs_jacobian or self.balancer.requires_grads == "shared"
+        if not wants_full:
+            if self.balancer.requires_grads == "last_shared":
+                rows = self._rows(losses, self.last_shared, with_heads=False)[0]
+                self.balancer.scale_rows(rows, losses.detach(), weights)
+            self._plain_backward(losses, w, extra)
+            return StepGradients()
+        if self.features_space:
+            return self._features_backward(losses, weights, extra)
+        return self._params_backward(losses, weights, extra)
+
+    def _balancer_backward(self, losses: Tensor, weights: Tensor) -> None:
+        """Gradients of the balancer's own learnable parameters (uncertainty's s_t)."""
+        if not self.balancer_params:
+            return
+        objective = (weights * losses.detach()).sum()
+        reg = self.balancer.regularizer()
+        if reg is not None:
+            objective = objective + reg
+        grads = torch.autograd.grad(objective, self.balancer_params, allow_unused=True)
+        for p, g in zip(self.balancer_params, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+
+    def _plain_backward(self, losses: Tensor, w: Tensor, extra: Tensor | None) -> None:
+        total = (w * losses).sum()
+        if extra is not None:
+            total = total + extra
+        total.backward()
+        if self._features is not None:
+            z, z_leaf = self._features
+            z.backward(z_leaf.grad)
+            self._features = None
+
+    def _params_backward(self, losses: Tensor, weights: Tensor, extra: Tensor | None) -> StepGradients:
+        jacobian, head_grads = self._rows(losses, self.shared, with_heads=True)
+        rows = self._scale(jacobian, losses, weights)
+        direction = self.surgery(rows, losses.detach())
+        _assign(self.shared, direction)
+        self._assign_heads(head_grads, weights.detach())
+        if extra is not None:
+            extra.backward()
+        return StepGradients(jacobian=jacobian, surgery_weights=self.surgery.last_weights)
+
+    def _features_backward(self, losses: Tensor, weights: Tensor, extra: Tensor | None) -> StepGradients:
+        assert self._features is not None
+        z, z_leaf = self._features
+        self._features = None
+        self._z = z
+        jacobian, head_grads = self._rows(losses, [z_leaf], with_heads=True)
+        rows = self._scale(jacobian, losses, weights)
+        self._z = None
+        if isinstance(self.surgery, GramianWeighting):
+            row_weights = self.surgery.weights(rows @ rows.T, losses.detach()).to(rows.dtype)
+            self.surgery.last_weights = row_weights
+            direction = row_weights @ rows
+        else:  # unreachable: Surgery.__init__ rejects space=features for these
+            direction = self.surgery(rows, losses.detach())
+        self._assign_heads(head_grads, weights.detach())
+        z.backward(direction.view_as(z), retain_graph=extra is not None)
+        if extra is not None:
+            extra.backward()
+        return StepGradients(jacobian=jacobian, surgery_weights=self.surgery.last_weights)
+
+    def _scale(self, jacobian: Tensor, losses: Tensor, weights: Tensor) -> Tensor:
+        """Rows as the surgery sees them; a "last_shared" balancer observes its layer's
+        rows (a column subset of J, or in the features space a vector-Jacobian product
+        of each representation row through the last stage only)."""
+        requirement = self.balancer.requires_grads
+        if requirement == "shared":
+            return self.balancer.scale_rows(jacobian, losses.detach(), weights)
+        if requirement == "last_shared":
+            if self.features_space:
+                assert self._z is not None
+                last_rows = torch.stack(
+                    [
+                        _flatten(torch.autograd.grad(self._z, self.last_shared, row.view_as(self._z), retain_graph=True, allow_unused=True), self.last_shared)
+                        for row in jacobian
+                    ]
+                )
+            else:
+                last_rows = jacobian[:, self._last_columns.to(jacobian.device)]
+            self.balancer.scale_rows(last_rows, losses.detach(), weights)
+        return weights.detach().to(jacobian.dtype)[:, None] * jacobian
+
+    def _assign_heads(self, head_grads: list[list[Tensor | None]], w: Tensor) -> None:
+        for t, (name, params) in enumerate(self.task_params.items()):
+            for p, g in zip(params, head_grads[t]):
+                if g is not None:
+                    g = g * w[t]
+                    p.grad = g if p.grad is None else p.grad + g
+
+    # ------------------------------------------------------- per-task gradients
+    def _rows(
+        self, losses: Tensor, targets: list[Tensor], *, with_heads: bool
+    ) -> tuple[Tensor, list[list[Tensor | None]]]:
+        """Unweighted per-task gradients of ``targets`` as a ``(T, P)`` matrix, and each
+        task's gradients of its own head parameters (when ``with_heads``)."""
+        strategy = self._choose()
+        start = self._clock() if self.strategy == "auto" else None
+        if strategy == "batched":
+            try:
+                result = self._rows_batched(losses, targets, with_heads)
+            except RuntimeError:
+                # Some ops have no batching rule for vmap; sequential always works.
+                self.strategy = "sequential"
+                result = self._rows_sequential(losses, targets, with_heads)
+        else:
+            result = self._rows_sequential(losses, targets, with_heads)
+        if start is not None:
+            self._timings[strategy].append(self._clock() - start)
+        return result
+
+    def _choose(self) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        batched, sequential = self._timings["batched"], self._timings["sequential"]
+        if len(batched) <= AUTO_TRIALS:  # the first batched call includes vmap warm-up
+            return "batched"
+        if len(sequential) < AUTO_TRIALS:
+            return "sequential"
+        self.strategy = "batched" if min(batched[1:]) <= min(sequential) else "sequential"
+        return self.strategy
+
+    def _clock(self) -> float:
+        if self.shared and self.shared[0].is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _rows_sequential(
+        self, losses: Tensor, targets: list[Tensor], with_heads: bool
+    ) -> tuple[Tensor, list[list[Tensor | None]]]:
+        rows, head_grads = [], []
+        for t, name in enumerate(self.task_params):
+            own = self.task_params[name] if with_heads else []
+            grads = torch.autograd.grad(
+                losses[t], targets + own, retain_graph=True, allow_unused=True
+            )
+            rows.append(_flatten(grads[: len(targets)], targets))
+            head_grads.append(list(grads[len(targets) :]))
+        return torch.stack(rows), head_grads
+
+    def _rows_batched(
+        self, losses: Tensor, targets: list[Tensor], with_heads: bool
+    ) -> tuple[Tensor, list[list[Tensor | None]]]:
+        num_tasks = losses.shape[0]
+        heads = [p for params in self.task_params.values() for p in params] if with_heads else []
+        eye = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device)
+        grads = torch.autograd.grad(
+            losses, targets + heads, grad_outputs=eye, retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
+        jacobian = torch.cat(
+            [
+                (g if g is not None else torch.zeros((num_tasks, *p.shape), dtype=p.dtype, device=p.device)).reshape(num_tasks, -1)
+                for g, p in zip(grads[: len(targets)], targets)
+            ],
+            dim=1,
+        )
+        head_grads: list[list[Tensor | None]] = []
+        offset = len(targets)
+        for t, params in enumerate(self.task_params.values()):
+            if not with_heads:
+                head_grads.append([])
+                continue
+            chunk = grads[offset : offset + len(params)]
+            head_grads.append([None if g is None else g[t] for g in chunk])
+            offset += len(params)
+        return jacobian, head_grads
+
+
+def _flatten(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> Tensor:
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+    )
+
+
+def _assign(params: list[nn.Parameter], flat: Tensor) -> None:
+    """Write a flat direction into the parameters' ``.grad`` (accumulating)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        g = flat[offset : offset + n].view_as(p).to(p.dtype)
+        p.grad = g.clone() if p.grad is None else p.grad + g
+        offset += n
+
+
+def _columns_of(params: list[nn.Parameter], ids: set[int]) -> Tensor:
+    """Column indices in the flattened Jacobian of the parameters whose id is in ``ids``."""
+    columns, offset = [], 0
+    for p in params:
+        if id(p) in ids:
+            columns.append(torch.arange(offset, offset + p.numel()))
+        offset += p.numel()
+    return torch.cat(columns) if columns else torch.zeros(0, dtype=torch.long)

@@ -1,0 +1,94 @@
+"""``results.json`` / ``results.md`` and the end-of-run summary table.
+
+``results.json`` follows design.md: ``tasks.<task>.metrics.<metric>`` holds the MTL value
+(``mtl``), its direction (``higher_is_better``) and the trivial predictor's value
+(``trivial``); the single-task baseline fields (``stl``, ``delta_pct``) and ``delta_m_pct``
+are added when baselines ran.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from mtl_runner import io
+from mtl_runner.tasks import Task
+
+
+def task_results(
+    tasks: tuple[Task, ...], mtl: dict[str, dict[str, float]], trivial: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    return {
+        task.name: {
+            "kind": task.kind,
+            "auxiliary": task.auxiliary,
+            "metrics": {
+                m.name: {
+                    "mtl": mtl[task.name][m.name],
+                    "higher_is_better": m.higher_is_better,
+                    "trivial": trivial[task.name][m.name],
+                }
+                for m in task.metrics
+            },
+        }
+        for task in tasks
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:+.2f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def _columns(results: dict[str, Any]) -> list[str]:
+    has_stl = any("stl" in m for t in results["tasks"].values() for m in t["metrics"].values())
+    return ["task", "metric", "dir", "mtl", "trivial"] + (["stl", "Δ% vs stl"] if has_stl else [])
+
+
+def _rows(results: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for task, entry in results["tasks"].items():
+        for metric, v in entry["metrics"].items():
+            row = [task, metric, "↑" if v["higher_is_better"] else "↓", _fmt(v["mtl"]), _fmt(v["trivial"])]
+            if "stl" in v:
+                delta = v.get("delta_pct")
+                row += [_fmt(v["stl"]), "-" if delta is None else f"{delta:+.2f}"]
+            rows.append(row)
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cols = _columns(results)
+    lines = [f"# {results['run_name']}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(results)]
+    lines.append("")
+    if results.get("delta_m_pct") is not None:
+        lines.append(f"**Δm = {results['delta_m_pct']:+.2f}%** (positive: better than single-task baselines)")
+        lines.append("")
+    params = results["parameters"]
+    lines.append(f"Parameters: {params['mtl']:,} (MTL model)")
+    lines.append(f"Wall time: {results['wall_time_s']:.1f} s")
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(results: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"test metrics: {results['run_name']}")
+    for col in _columns(results):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for row in _rows(results):
+        table.add_row(*row)
+    console.print(table)
+    if results.get("delta_m_pct") is not None:
+        console.print(f"Δm = {results['delta_m_pct']:+.2f}%")
+
+
+def write(run_dir: Path, results: dict[str, Any]) -> None:
+    io.write_json(run_dir / "results.json", results)
+    io.write_text(run_dir / "results.md", markdown(results))

@@ -1,0 +1,60 @@
+"""Trivial predictors, the floor every trained model must clearly beat.
+
+Per task kind, fitted on the training split: dense classification predicts each pixel
+position's most frequent class, dense regression each position's mean (a strong floor
+when, as in real scenes, depth depends on the image row), image-level classification
+the majority label, image-level regression the mean. They are evaluated with the same
+metric code as the model, on the test split.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtl_runner.data.base import Split
+from mtl_runner.tasks import IGNORE_INDEX, Task
+
+
+def fit_trivial(tasks: tuple[Task, ...], split: Split, device: torch.device, batch_size: int = 512) -> dict[str, Tensor]:
+    """One prediction template per task, shaped like a single example's model output."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, Tensor] = {}
+    for _, targets in split.batches(batch_size, shuffle=False, generator=None, device=device):
+        for task in tasks:
+            y = targets[task.name]
+            if task.kind in ("segmentation", "classification"):
+                valid = y != IGNORE_INDEX
+                one_hot = F.one_hot(y.clamp_min(0), task.num_outputs) * valid.unsqueeze(-1)
+                stat = one_hot.sum(0).double()
+                if task.kind == "segmentation":
+                    stat = stat.permute(2, 0, 1)  # (C, H, W)
+                n = torch.ones((), dtype=torch.float64, device=device)
+            else:
+                valid = (y > 0) if task.kind == "depth" else torch.ones_like(y, dtype=torch.bool)
+                stat = (y * valid).sum(0).double()
+                n = valid.sum(0).double()
+            sums[task.name] = sums.get(task.name, 0) + stat
+            counts[task.name] = counts.get(task.name, 0) + n
+    templates = {}
+    for task in tasks:
+        if task.kind in ("segmentation", "classification"):
+            winner = sums[task.name].argmax(0)
+            dim = 0 if task.kind == "segmentation" else -1
+            templates[task.name] = F.one_hot(winner, task.num_outputs).movedim(-1, dim).float()
+        else:
+            templates[task.name] = (sums[task.name] / counts[task.name].clamp_min(1)).float()
+    return templates
+
+
+def evaluate_trivial(
+    tasks: tuple[Task, ...], templates: dict[str, Tensor], split: Split, device: torch.device, batch_size: int = 512
+) -> dict[str, dict[str, float]]:
+    accumulators = {t.name: t.accumulator(device) for t in tasks}
+    for _, targets in split.batches(batch_size, shuffle=False, generator=None, device=device):
+        for task in tasks:
+            y = targets[task.name]
+            pred = templates[task.name].unsqueeze(0).expand(len(y), *templates[task.name].shape)
+            accumulators[task.name].update(pred, y)
+    return {name: acc.compute() for name, acc in accumulators.items()}

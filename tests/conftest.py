@@ -1,0 +1,45 @@
+"""Shared test helpers: tiny configurations and ways to run mtl-run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mtl_runner.cli import CONF_DIR
+
+#: Small enough that a run takes a second or two on a CPU.
+TINY = [
+    "dataset.num_train=64",
+    "dataset.num_val=32",
+    "dataset.num_test=32",
+    "dataset.image_size=32",
+    "backbone.channels=[8,8,16,16]",
+    "trainer.epochs=1",
+    "trainer.batch_size=16",
+    "trainer.progress=off",
+]
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=False)
+
+
+def run_cli(args: Sequence[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``mtl-run ARGS`` in a subprocess, as a user would type it."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mtl_runner", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)
