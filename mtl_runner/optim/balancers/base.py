@@ -20,10 +20,27 @@ How the engine drives a balancer in one training step:
    Gradient-based methods (GradNorm, DB-MTL) update their state there.
 3. After ``optimizer.step()`` the trainer calls ``balancer.after_step(...)`` and, at the
    end of each epoch, ``balancer.epoch_end(mean_losses)``.
+
+Lifecycle: ``balancer.setup(tasks, generator)`` creates the per-task state (on the device
+the balancer was moved to, if ``.to(device)`` came first; stateful balancers also move
+themselves to the losses' device on first use, :meth:`Balancer._follow`, so either order
+works). ``load_state_dict`` must come after ``setup`` (the state is sized there; lazily
+sized state, like DB-MTL's gradient EMA, adopts the checkpoint's shape). The trainer's
+optimizer, built after ``setup``, takes the ``requires_grad`` parameters (uncertainty's
+log-variances) in their own group with weight decay 0 and ``lr = balancer.lr`` when that
+attribute exists and is not None. State a balancer adapts itself (GradNorm's weights,
+FAMO's logits, DWA's epoch losses, DB-MTL's EMA) lives in buffers, so ``.to()`` moves it
+and ``state_dict()`` carries it. A balancer that owns an optimizer keeps that optimizer's
+state in buffers too (:func:`adam_step_`): a ``torch.optim`` object lives outside the
+module, so it would neither follow ``.to(device)`` nor appear in ``state_dict()``.
+Randomness comes only from ``self.generator`` (the run's seeded generator, which the
+trainer checkpoints). ``weights``, ``scale_rows`` and ``after_step`` never read a tensor
+back to the host.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -75,3 +92,45 @@ class Balancer(nn.Module):
     def extra_scalars(self) -> dict[str, Tensor]:
         """Additional per-task quantities to log (e.g. ``sigma/<task>``), as tensors."""
         return {}
+
+    def _follow(self, device: torch.device) -> None:
+        """Move this balancer's state to ``device`` if it lives elsewhere (a host-side
+        metadata check, no synchronisation). Covers an engine that calls ``.to(device)``
+        before ``setup`` created the state."""
+        first = next(itertools.chain(self.parameters(), self.buffers()), None)
+        if first is not None and first.device != device:
+            self.to(device)
+
+
+def adam_step_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
+    """One step of Adam (Kingma & Ba 2015, with ``torch.optim.Adam``'s L2-style
+    ``weight_decay``: the decay is added to the gradient), in place, on buffers.
+
+    Used by balancers that own an optimizer (GradNorm's weights, FAMO's logits): the
+    moments and the step count are the balancer's registered buffers, so they follow
+    ``.to(device)`` and round-trip through ``state_dict()``. Everything stays on the
+    device (``step`` is a 0-dim tensor): no host synchronisation.
+    """
+    beta1, beta2 = betas
+    grad = grad.to(param.dtype)
+    if weight_decay != 0.0:
+        grad = grad + weight_decay * param
+    step.add_(1)
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    t = step.to(param.dtype)
+    bias_correction1 = 1.0 - beta1**t
+    bias_correction2 = 1.0 - beta2**t
+    denom = exp_avg_sq.sqrt() / bias_correction2.sqrt() + eps
+    param.sub_(lr * exp_avg / (bias_correction1 * denom))
