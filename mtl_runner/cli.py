@@ -121,7 +121,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         validate(cfg)
-        run_experiment(cfg, run_dir, run_name=_run_name(hydra_cfg))
+        choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if v is not None}
+        run_experiment(cfg, run_dir, run_name=_run_name(hydra_cfg), choices=choices)
     except ConfigError as exc:
         fail(str(exc))
 

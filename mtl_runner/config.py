@@ -61,6 +61,15 @@ class TrainerConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Types of ``diagnostics.*``; values in ``conf/diagnostics/*.yaml``."""
+
+    every_n_steps: int = MISSING
+    warmup_steps: int = MISSING
+    histograms: bool = MISSING
+
+
+@dataclass
 class RunConfig:
     dataset: Any = None
     backbone: Any = None
@@ -69,6 +78,7 @@ class RunConfig:
     surgery: Any = None
     optimizer: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 #: (key, predicate, what is allowed) for values whose type alone does not say enough.
@@ -84,6 +94,8 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.progress", lambda v: v in ("auto", "bar", "lines", "off"), "auto, bar, lines or off"),
     ("trainer.num_workers", lambda v: v is None or v >= 0, "null or an integer >= 0"),
     ("optimizer.lr", lambda v: v > 0, "a float > 0"),
+    ("diagnostics.every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 turns diagnostics off)"),
+    ("diagnostics.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
 ]
 
 

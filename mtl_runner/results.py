@@ -89,6 +89,18 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
         console.print(f"Δm = {results['delta_m_pct']:+.2f}%")
 
 
+def final_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """Flat ``test/<task>/<metric>`` values (and Δm when present) for TensorBoard's HPARAMS tab."""
+    flat = {
+        f"hparam/test/{task}/{metric}": float(v["mtl"])
+        for task, entry in results["tasks"].items()
+        for metric, v in entry["metrics"].items()
+    }
+    if results.get("delta_m_pct") is not None:
+        flat["hparam/delta_m_pct"] = float(results["delta_m_pct"])
+    return flat
+
+
 def write(run_dir: Path, results: dict[str, Any]) -> None:
     io.write_json(run_dir / "results.json", results)
     io.write_text(run_dir / "results.md", markdown(results))

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from mtl_runner import build, results
+from mtl_runner.diagnostics import ConflictDiagnostics, custom_scalars_layout
 from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.reference import evaluate_trivial, fit_trivial
 from mtl_runner.train.trainer import Trainer, TrainerSettings
@@ -25,7 +26,23 @@ def settings_from(cfg: DictConfig) -> TrainerSettings:
     )
 
 
-def run_experiment(cfg: DictConfig, run_dir: Path, run_name: str | None = None) -> dict[str, Any]:
+HPARAM_GROUPS = ("dataset", "backbone", "sharing", "balancer", "surgery", "optimizer")
+
+
+def option_names(cfg: DictConfig, choices: dict[str, str] | None) -> dict[str, str]:
+    """The option chosen in each group (Hydra's choices; else the ``_target_``'s name)."""
+    names = {}
+    for group in HPARAM_GROUPS:
+        if choices and choices.get(group):
+            names[group] = str(choices[group])
+        else:
+            names[group] = str(cfg[group]["_target_"]).rsplit(".", 1)[-1].lower()
+    return names
+
+
+def run_experiment(
+    cfg: DictConfig, run_dir: Path, run_name: str | None = None, choices: dict[str, str] | None = None
+) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = Path(run_dir)
     console = Console()
@@ -37,9 +54,15 @@ def run_experiment(cfg: DictConfig, run_dir: Path, run_name: str | None = None) 
     surgery = build.build_surgery(cfg)
 
     logger = RunLogger(run_dir / "tb")
+    logger.custom_scalars(custom_scalars_layout())
+    diagnostics = ConflictDiagnostics(
+        taskset.task_names, cfg.diagnostics.every_n_steps, cfg.diagnostics.warmup_steps, run_dir,
+        space=surgery.space, histograms=cfg.diagnostics.histograms, console=console,
+    )
     trainer = Trainer(
         model, taskset, balancer, surgery, build.optimizer_factory(cfg), settings_from(cfg), device,
         logger=logger, checkpoint_dir=run_dir / "checkpoints", name=run_name or run_dir.name,
+        callbacks=[diagnostics],
     )
     try:
         trainer.fit()
@@ -61,6 +84,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, run_name: str | None = None) 
         }
         results.write(run_dir, out)
         results.print_summary(out, console)
+        hparams = {**option_names(cfg, choices), "lr": float(cfg.optimizer.lr), "seed": int(cfg.trainer.seed)}
+        logger.hparams(hparams, results.final_metrics(out))
         return out
     finally:
         logger.close()

@@ -135,7 +135,7 @@ class Trainer:
     def _forward(self, inputs: Any) -> dict[str, Tensor]:
         return self.engine.forward(inputs)
 
-    def train_step(self, batch: Batch) -> tuple[Tensor, Tensor]:
+    def train_step(self, batch: Batch) -> tuple[Tensor, Tensor, StepGradients]:
         inputs, targets = batch
         step = self.state.step
         self.model.train()
@@ -151,7 +151,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_step(self, step, losses.detach(), weights.detach(), grads)
         self.state.step += 1
-        return losses.detach(), weights.detach()
+        return losses.detach(), weights.detach(), grads
 
     @torch.no_grad()
     def _recompute_losses(self, inputs: Any, targets: dict[str, Tensor]) -> Tensor:
@@ -170,10 +170,12 @@ class Trainer:
                     settings.batch_size, shuffle=True, generator=self.data_generator, device=self.device
                 ):
                     step = self.state.step
-                    losses, weights = self.train_step(batch)
+                    losses, weights, grads = self.train_step(batch)
                     loss_sum += losses
                     batches += 1
                     self.logger.scalars([f"weight/{n}" for n in names], weights, step)
+                    if grads.surgery_weights is not None:
+                        self.logger.scalars([f"surgery_weight/{n}" for n in names], grads.surgery_weights, step)
                     for tag, value in self.balancer.extra_scalars().items():
                         self.logger.scalar(tag, value, step)
                     if step % settings.log_every_n_steps == 0:

@@ -1,0 +1,218 @@
+"""Gradient-conflict diagnostics: cosine statistics, the conflict report and its advice.
+
+Every ``every_n_steps`` the engine is asked for the per-task gradients (it reuses the
+step's Jacobian when the surgery computed one anyway), and this callback logs the
+pairwise cosines of the task gradients on the shared parameters, the gradient norms and
+the loss-scale ratio; per epoch a histogram and the fraction of conflicting (negative)
+cosines per pair. At the end of the warm-up window and of the run it writes a report
+(rich table, ``diagnostics.json``, TensorBoard text) with a recommendation from the
+decision rule in methods.md.
+
+In the features space (``surgery.space=features``) the rows are gradients of the shared
+representation rather than of the shared parameters; the report says which.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from mtl_runner import io
+from mtl_runner.optim.jacobian import StepGradients
+from mtl_runner.train.trainer import Callback, Trainer
+
+#: Thresholds of the decision rule (methods.md, "Diagnostics and the decision rule").
+CONFLICT_FRACTION = 0.20
+WIDE_SPREAD = 0.15
+ORTHOGONAL_FRACTION = 0.05
+ORTHOGONAL_MEAN = 0.1
+SCALE_RATIO = 10.0
+ALIGNED_MEAN = 0.8
+NARROW_SPREAD = 0.1
+
+
+@dataclass
+class PairStats:
+    mean: float
+    std: float
+    frac_negative: float
+    steps: int
+
+
+def cosine_matrix(jacobian: Tensor) -> Tensor:
+    """Pairwise cosines of the rows; a zero row has cosine 0 with everything."""
+    rows = jacobian.double()
+    norms = rows.norm(dim=1)
+    unit = rows / norms.clamp_min(torch.finfo(rows.dtype).tiny).unsqueeze(1)
+    return unit @ unit.T
+
+
+def pair_names(task_names: tuple[str, ...]) -> list[str]:
+    return [f"{a}~{b}" for a, b in itertools.combinations(task_names, 2)]
+
+
+def recommend(pairs: dict[str, PairStats], loss_scale_ratio: float, num_tasks: int) -> tuple[str, str]:
+    """The decision rule: (finding, recommendation) from per-pair cosine statistics."""
+    if not pairs:
+        return "single task", "no task pairs: conflict diagnostics do not apply"
+    worst = max(pairs.values(), key=lambda s: s.frac_negative)
+    conflict = worst.frac_negative > CONFLICT_FRACTION and worst.std > WIDE_SPREAD
+    scale = loss_scale_ratio > SCALE_RATIO
+    mean_cos = sum(s.mean for s in pairs.values()) / len(pairs)
+    if conflict and scale:
+        return "conflict and scale mismatch", "balancer=gradnorm surgery=pcgrad"
+    if conflict:
+        surgery = "surgery=cagrad (or pcgrad)" if num_tasks <= 5 else "surgery=pcgrad (or cagrad)"
+        return "structural conflict", surgery
+    if scale:
+        return (
+            f"scale problem (losses differ {loss_scale_ratio:.0f}x)",
+            "balancer=uncertainty or balancer=gradnorm before any surgery",
+        )
+    if all(s.mean > ALIGNED_MEAN and s.std < NARROW_SPREAD for s in pairs.values()):
+        return "aligned", "balancer=uniform surgery=none: uniform is optimal, surgery is wasted compute"
+    if worst.frac_negative < ORTHOGONAL_FRACTION and mean_cos < ORTHOGONAL_MEAN:
+        return (
+            "nearly orthogonal, not adversarial",
+            "balancer=uniform works; question whether sharing buys anything beyond parameters (compare sharing=none)",
+        )
+    return "mild conflict", "start with balancer=uniform surgery=none; compare surgery=pcgrad in a sweep"
+
+
+def pair_stats(cosines: Tensor) -> PairStats:
+    """Statistics of one pair's cosines over logged steps (a 1-D tensor)."""
+    values = cosines.double()
+    return PairStats(
+        mean=float(values.mean()),
+        std=float(values.std()) if values.numel() > 1 else 0.0,
+        frac_negative=float((values < 0).double().mean()),
+        steps=int(values.numel()),
+    )
+
+
+class ConflictDiagnostics(Callback):
+    def __init__(
+        self,
+        task_names: tuple[str, ...],
+        every_n_steps: int,
+        warmup_steps: int,
+        run_dir: Path | None,
+        space: str = "params",
+        histograms: bool = True,
+        console: Console | None = None,
+    ) -> None:
+        self.task_names = task_names
+        self.pairs = pair_names(task_names)
+        self.index = torch.triu_indices(len(task_names), len(task_names), offset=1)
+        self.every_n_steps = every_n_steps
+        self.warmup_steps = warmup_steps
+        self.run_dir = run_dir
+        self.space = space
+        self.histograms = histograms
+        self.console = console or Console()
+        self._epoch: list[Tensor] = []
+        self._all: list[Tensor] = []
+        self._losses: list[Tensor] = []
+        self._reports: dict[str, Any] = {}
+        self._not_applicable: str | None = None if len(task_names) > 1 else "a single task has no pairs"
+
+    def wants_jacobian(self, step: int) -> bool:
+        return self.every_n_steps > 0 and self._not_applicable is None and step % self.every_n_steps == 0
+
+    def on_step(self, trainer: Trainer, step: int, losses: Tensor, weights: Tensor, grads: StepGradients) -> None:
+        if not self.wants_jacobian(step) or grads.jacobian is None:
+            return
+        if grads.jacobian.shape[1] == 0:
+            self._not_applicable = "the model has no shared parameters (each task has its own encoder)"
+            trainer.logger.text("diagnostics", f"Gradient-conflict diagnostics do not apply: {self._not_applicable}.")
+            return
+        jacobian = grads.jacobian
+        cos = cosine_matrix(jacobian)[self.index[0], self.index[1]].float()
+        log = trainer.logger
+        log.scalars([f"cos/{p}" for p in self.pairs], cos, step)
+        log.scalars([f"grad_norm/{t}" for t in self.task_names], jacobian.norm(dim=1), step)
+        log.scalar("loss_scale_ratio", losses.max() / losses.min().clamp_min(1e-12), step)
+        self._epoch.append(cos)
+        self._all.append(cos)
+        self._losses.append(losses.float())
+        if step < self.warmup_steps <= step + self.every_n_steps:
+            self._report("warmup", trainer, step)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        if not self._epoch:
+            return
+        epoch_cos = torch.stack(self._epoch)  # (steps, pairs)
+        step = trainer.state.step
+        trainer.logger.scalars([f"conflict/{p}" for p in self.pairs], (epoch_cos < 0).float().mean(0), step)
+        if self.histograms:
+            for i, p in enumerate(self.pairs):
+                trainer.logger.histogram(f"cos_hist/{p}", epoch_cos[:, i], step)
+        self._epoch.clear()
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self._not_applicable is not None:
+            self._reports["not_applicable"] = self._not_applicable
+            self._write()
+            return
+        self._report("final", trainer, trainer.state.step)
+
+    def _report(self, window: str, trainer: Trainer, step: int) -> None:
+        if not self._all:
+            return
+        cos = torch.stack(self._all)
+        losses = torch.stack(self._losses).mean(0)
+        stats = {p: pair_stats(cos[:, i]) for i, p in enumerate(self.pairs)}
+        ratio = float(losses.max() / losses.min().clamp_min(1e-12))
+        finding, advice = recommend(stats, ratio, len(self.task_names))
+        self._reports[window] = {
+            "step": step,
+            "space": self.space,
+            "pairs": {p: asdict(s) for p, s in stats.items()},
+            "loss_scale_ratio": ratio,
+            "mean_losses": dict(zip(self.task_names, losses.tolist())),
+            "finding": finding,
+            "recommendation": advice,
+        }
+        self._print(window, stats, ratio, finding, advice)
+        trainer.logger.text(f"conflict_report/{window}", self._markdown(window, stats, ratio, finding, advice), step)
+        self._write()
+
+    def _write(self) -> None:
+        if self.run_dir is not None:
+            io.write_json(self.run_dir / "diagnostics.json", self._reports)
+
+    def _print(self, window: str, stats: dict[str, PairStats], ratio: float, finding: str, advice: str) -> None:
+        table = Table(title=f"gradient conflict ({window}, {self.space} space)")
+        for col in ("pair", "mean cos", "spread", "frac < 0", "steps"):
+            table.add_column(col, justify="left" if col == "pair" else "right")
+        for p, s in stats.items():
+            table.add_row(p, f"{s.mean:+.3f}", f"{s.std:.3f}", f"{s.frac_negative:.0%}", str(s.steps))
+        self.console.print(table)
+        self.console.print(f"loss-scale ratio {ratio:.1f}x; finding: [bold]{finding}[/bold]; try: {advice}")
+
+    @staticmethod
+    def _markdown(window: str, stats: dict[str, PairStats], ratio: float, finding: str, advice: str) -> str:
+        lines = [f"**{window}**: {finding}; try `{advice}` (loss-scale ratio {ratio:.1f}x)", "",
+                 "| pair | mean cos | spread | frac < 0 | steps |", "|---|---|---|---|---|"]
+        lines += [f"| {p} | {s.mean:+.3f} | {s.std:.3f} | {s.frac_negative:.0%} | {s.steps} |" for p, s in stats.items()]
+        return "\n".join(lines)
+
+
+def custom_scalars_layout() -> dict[str, Any]:
+    """TensorBoard CUSTOM SCALARS: all cosines in one chart, all weights in another."""
+    return {
+        "multi-task": {
+            "gradient cosines": ["Multiline", [r"cos/.*"]],
+            "task weights": ["Multiline", [r"weight/.*"]],
+            "conflict fraction": ["Multiline", [r"conflict/.*"]],
+            "gradient norms": ["Multiline", [r"grad_norm/.*"]],
+            "train losses": ["Multiline", [r"loss/train/.*"]],
+        }
+    }

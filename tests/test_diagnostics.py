@@ -1,0 +1,109 @@
+"""Conflict diagnostics: cosines from known gradients, the decision rule, TensorBoard output."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mtl_runner.diagnostics import ConflictDiagnostics, PairStats, recommend
+from mtl_runner.models.sharing.base import SharingModel
+from mtl_runner.optim.balancers.uniform import Uniform
+from mtl_runner.optim.jacobian import GradientEngine
+from mtl_runner.optim.surgery.none import NoSurgery
+from mtl_runner.runner import run_experiment
+from mtl_runner.tasks import Task
+from mtl_runner.train.logger import RunLogger
+from tests.conftest import TINY, compose_config
+
+
+class LinearProbe(SharingModel):
+    """Task t outputs a_t . theta, so L_t = (a_t . theta)^2 has gradient 2 (a_t . theta) a_t."""
+
+    def __init__(self, directions: torch.Tensor) -> None:
+        tasks = [Task(f"t{i}", "regression", 1) for i in range(len(directions))]
+        super().__init__(tasks)
+        self.theta = torch.nn.Parameter(torch.ones(directions.shape[1]))
+        self.directions = directions
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.directions @ self.theta
+        return {name: out[i].reshape(1, 1) for i, name in enumerate(self.task_names)}
+
+    def shared_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.theta]
+
+    def task_parameters(self, task: str) -> list[torch.nn.Parameter]:
+        return []
+
+
+def test_cosines_equal_hand_computed_values(tmp_path: Path) -> None:
+    a = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [-1.0, 2.0, 0.0]])
+    model = LinearProbe(a)
+    balancer = Uniform()
+    balancer.setup(model.tasks, None)
+    engine = GradientEngine(model, balancer, NoSurgery(), "sequential")
+    diag = ConflictDiagnostics(model.task_names, every_n_steps=1, warmup_steps=0, run_dir=tmp_path)
+    logger = RunLogger(tmp_path / "tb")
+    trainer = SimpleNamespace(logger=logger, state=SimpleNamespace(step=1))
+
+    out = engine.forward(torch.zeros(1))
+    losses = torch.stack([(out[t] ** 2).sum() for t in model.task_names])
+    grads = engine.backward(losses, balancer.weights(losses), need_jacobian=diag.wants_jacobian(0))
+    diag.on_step(trainer, 0, losses.detach(), torch.ones(3), grads)  # type: ignore[arg-type]
+    diag.on_epoch_end(trainer, 0)  # type: ignore[arg-type]
+    diag.on_fit_end(trainer)  # type: ignore[arg-type]
+    logger.close()
+
+    # g_t = 2 (a_t . 1) a_t: the signs of a_t . 1 are +, +, + -> cosines are those of the a_t
+    expected = {"t0~t1": 1 / math.sqrt(2), "t0~t2": -1 / math.sqrt(5), "t1~t2": 1 / math.sqrt(10)}
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    for pair, value in expected.items():
+        assert acc.Scalars(f"cos/{pair}")[0].value == pytest.approx(value, abs=1e-6)
+    assert acc.Scalars("conflict/t0~t2")[0].value == 1.0
+    assert acc.Scalars("conflict/t0~t1")[0].value == 0.0
+    norms = {t: acc.Scalars(f"grad_norm/{t}")[0].value for t in model.task_names}
+    assert norms["t1"] == pytest.approx(2 * 2 * math.sqrt(2), rel=1e-6)
+    report = json.loads((tmp_path / "diagnostics.json").read_text())["final"]
+    assert report["pairs"]["t0~t2"]["frac_negative"] == 1.0
+
+
+def _stats(mean: float, std: float, frac: float) -> PairStats:
+    return PairStats(mean=mean, std=std, frac_negative=frac, steps=50)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "ratio", "finding", "advice"),
+    [
+        ([_stats(-0.05, 0.3, 0.45)], 2.0, "structural conflict", "cagrad"),
+        ([_stats(-0.05, 0.3, 0.45)] * 7, 2.0, "structural conflict", "surgery=pcgrad"),
+        ([_stats(0.02, 0.05, 0.01)], 2.0, "nearly orthogonal", "sharing"),
+        ([_stats(0.6, 0.2, 0.0)], 40.0, "scale problem", "uncertainty or balancer=gradnorm"),
+        ([_stats(-0.05, 0.3, 0.45)], 40.0, "conflict and scale mismatch", "balancer=gradnorm surgery=pcgrad"),
+        ([_stats(0.95, 0.02, 0.0)], 2.0, "aligned", "surgery is wasted"),
+        ([_stats(0.3, 0.2, 0.1)], 2.0, "mild conflict", "uniform"),
+    ],
+)
+def test_decision_rule_outcomes(pairs: list[PairStats], ratio: float, finding: str, advice: str) -> None:
+    num_tasks = 3 if len(pairs) == 1 else 8
+    got_finding, got_advice = recommend({f"p{i}": s for i, s in enumerate(pairs)}, ratio, num_tasks)
+    assert finding in got_finding
+    assert advice in got_advice
+
+
+def test_run_writes_conflict_report(tmp_path: Path) -> None:
+    run_experiment(compose_config([*TINY, "diagnostics.every_n_steps=1", "diagnostics.warmup_steps=2"]), tmp_path)
+    report = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert set(report) == {"warmup", "final"}
+    assert set(report["final"]["pairs"]) == {"seg~depth", "seg~count", "depth~count"}
+    assert report["final"]["recommendation"]
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0, "tensors": 0})
+    acc.Reload()
+    assert "cos/seg~depth" in acc.Tags()["scalars"]
+    assert "cos_hist/seg~depth" in acc.Tags()["histograms"]
