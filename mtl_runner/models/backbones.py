@@ -13,6 +13,9 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from mtl_runner.models.heads import make_head
+from mtl_runner.tasks import Task
+
 
 class Backbone(nn.Module):
     stages: nn.ModuleList
@@ -31,6 +34,11 @@ class Backbone(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return x
+
+    def make_head(self, task: Task, input_shape: Sequence[int]) -> nn.Module:
+        """The head for ``task`` on this backbone's features (a backbone whose output is
+        already the prediction, like ``linear``, overrides this)."""
+        return make_head(task, self.out_channels, self.is_spatial, input_shape)
 
 
 class SmallCNN(Backbone):
@@ -84,3 +92,34 @@ class MLP(Backbone):
         self.stages = nn.ModuleList(stages)
         self.stage_channels = tuple(hidden)
         self.output_stride = None
+
+
+class Linear(Backbone):
+    """``backbone=linear``: one linear map ``x -> W x`` (no bias by default, no
+    non-linearity), for linear multi-task regression (``dataset=linear_tasks``).
+
+    Its output is the prediction itself: a task with ``out_features`` outputs gets an
+    identity head (no parameters), any other (non-dense) task a bias-free linear map, so
+    every sharing strategy stays a linear model. With one output per task, task ``t``'s
+    model is ``y = x . beta_t`` with ``beta_t`` the encoder's weight: ``sharing=hard`` is
+    the pooled fit, ``sharing=none`` independent least squares and ``sharing=soft`` the
+    Evgeniou & Pontil (2004) estimator (see :mod:`mtl_runner.models.sharing.soft`).
+    """
+
+    def __init__(self, input_shape: Sequence[int], out_features: int = 1, bias: bool = False) -> None:
+        super().__init__()
+        if out_features < 1:
+            raise ValueError(f"backbone.out_features must be >= 1, got {out_features}")
+        in_dim = 1
+        for s in input_shape:
+            in_dim *= s
+        self.stages = nn.ModuleList([nn.Sequential(nn.Flatten(), nn.Linear(in_dim, out_features, bias=bias))])
+        self.stage_channels = (out_features,)
+        self.output_stride = None
+
+    def make_head(self, task: Task, input_shape: Sequence[int]) -> nn.Module:
+        if task.is_dense:
+            raise ValueError(f"task {task.name!r} is dense ({task.kind}); backbone=linear predicts vectors only")
+        if task.num_outputs == self.out_channels:
+            return nn.Identity()
+        return nn.Linear(self.out_channels, task.num_outputs, bias=False)

@@ -6,12 +6,23 @@ gradient surgery and conflict diagnostics act on) and each task's own
 (``task_parameters(task)``). Strategies with a single shared representation also split
 their forward into ``encode`` and ``decode`` so the engine can work in the features
 space (MGDA-UB style).
+
+Multi-input datasets (each task has its own inputs) call :meth:`SharingModel.predict`
+with a dict ``{task: inputs}``; it runs each task's inputs through
+:meth:`SharingModel.forward_task`, which strategies override to compute only what that
+task's prediction needs.
+
+What each strategy shares (the parameters surgery and conflict diagnostics act on):
+every parameter that more than one task's loss reaches. Parameters only one task's loss
+reaches are that task's own, even where a penalty couples them (``soft``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from mtl_runner.models.backbones import Backbone
@@ -57,3 +68,41 @@ class SharingModel(nn.Module):
     def diagnostics(self) -> dict[str, Tensor]:
         """Scalars worth logging (cross-stitch units, gate usage), as tensors."""
         return {}
+
+    def forward_task(self, x: Tensor, task: str) -> Tensor:
+        """``task``'s prediction for inputs ``x`` (multi-input datasets). The default runs
+        the whole forward; strategies override it to skip the other tasks' heads."""
+        return self(x)[task]
+
+    def predict(self, inputs: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+        """``forward(inputs)`` for one input batch; for a dict ``{task: inputs}`` (multi-input
+        datasets) each task's prediction on its own inputs."""
+        if isinstance(inputs, dict):
+            return {name: self.forward_task(inputs[name], name) for name in self.task_names}
+        return self(inputs)
+
+    def parameter_counts(self) -> dict[str, Any]:
+        """Scalar counts for ``results.json``: shared, and each task's own."""
+        return {
+            "shared": sum(p.numel() for p in self.shared_parameters()),
+            "task_specific": {name: sum(p.numel() for p in self.task_parameters(name)) for name in self.task_names},
+        }
+
+
+def build_columns(backbone: BackboneFactory, tasks: Sequence[Task], input_shape: Sequence[int]) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+    """One encoder and one head per task, each built from the same random state, the
+    state in which a single-task ``sharing=hard`` model of that task would be built (its
+    encoder first, then its head). Under one seed every column therefore starts exactly
+    as the single-task baseline of its task does, and all encoder copies start equal."""
+    start = torch.get_rng_state()
+    encoders, heads = nn.ModuleDict(), nn.ModuleDict()
+    for task in tasks:
+        torch.set_rng_state(start)
+        encoders[task.name] = backbone()
+        heads[task.name] = encoders[task.name].make_head(task, input_shape)
+    return encoders, heads
+
+
+def strategy_name(model: nn.Module) -> str:
+    """The option name a user types for this model (``sharing=<module name>``)."""
+    return type(model).__module__.rsplit(".", 1)[-1]

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from mtl_runner.models.heads import make_head
 from mtl_runner.models.sharing.base import BackboneFactory, SharingModel
 from mtl_runner.tasks import Task
 
@@ -17,9 +16,7 @@ class HardSharing(SharingModel):
     def __init__(self, backbone: BackboneFactory, tasks: Sequence[Task], input_shape: Sequence[int]) -> None:
         super().__init__(tasks)
         self.encoder = backbone()
-        self.heads = nn.ModuleDict(
-            {t.name: make_head(t, self.encoder.out_channels, self.encoder.is_spatial, input_shape) for t in tasks}
-        )
+        self.heads = nn.ModuleDict({t.name: self.encoder.make_head(t, input_shape) for t in tasks})
 
     def encode(self, x: Tensor) -> Tensor:
         return self.encoder(x)
@@ -29,6 +26,9 @@ class HardSharing(SharingModel):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.decode(self.encode(x))
+
+    def forward_task(self, x: Tensor, task: str) -> Tensor:
+        return self.heads[task](self.encoder(x))
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())
