@@ -8,17 +8,21 @@ hands over to Hydra, which owns ``--help``, ``--cfg``, multirun and launchers.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from mtl_runner import io
 from mtl_runner.config import ConfigError, register_schema, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -83,7 +87,11 @@ def _sweep_naming(overrides: list[str]) -> list[str]:
     """Name sweep jobs by what varies: overrides shared by every job of the sweep are
     left out of the job directory name (and so of the TensorBoard run name)."""
     parsed = OverridesParser.create().parse_overrides(overrides)
-    constant = [o.key_or_group for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    constant = [
+        o.key_or_group for o in parsed
+        if not o.is_sweep_override() and o.key_or_group not in swept and not o.key_or_group.startswith("hydra")
+    ]
     excluded = ["trainer.progress", "trainer.device", *constant]
     return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]"]
 
@@ -100,6 +108,7 @@ def preflight(argv: list[str]) -> list[str]:
         jobs = _job_overrides(list(args.overrides), bool(args.multirun))
     except OverrideParseException as exc:
         fail(f"cannot parse override: {str(exc).splitlines()[0]}")
+    extra: list[str] = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for job in jobs:
             try:
@@ -110,7 +119,22 @@ def preflight(argv: list[str]) -> list[str]:
                 validate(cfg)
             except ConfigError as exc:
                 fail(str(exc))
-    return _sweep_naming(list(args.overrides)) if args.multirun else []
+            if cfg.resume:
+                extra = _resume_run_dir(str(cfg.resume), list(args.overrides), bool(args.multirun))
+    return extra + (_sweep_naming(list(args.overrides)) if args.multirun else [])
+
+
+def _resume_run_dir(resume: str, overrides: list[str], multirun: bool) -> list[str]:
+    """A resumed run continues in the run directory it resumes (same TensorBoard curves,
+    same checkpoints), so Hydra is pointed there."""
+    if multirun:
+        fail("resume= applies to a single run, not a -m sweep; resume each job by its directory")
+    path = Path(resume).expanduser()
+    if not (path / "checkpoints" / "last.pt").is_file():
+        fail(f"resume={resume}: no checkpoint at {path / 'checkpoints' / 'last.pt'}; give a run directory of mtl-run")
+    if any(o.startswith("hydra.run.dir=") for o in overrides):
+        return []
+    return [f"hydra.run.dir={path.resolve()}"]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -119,12 +143,46 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         validate(cfg)
         choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if v is not None}
         run_experiment(cfg, run_dir, run_name=_run_name(hydra_cfg), choices=choices)
     except ConfigError as exc:
-        fail(str(exc))
+        if not sweeping:
+            fail(str(exc))
+        io.write_json(run_dir / "results.json", {"run_name": _run_name(hydra_cfg), "status": "failed", "error": str(exc)})
+        print(f"mtl-run: job {run_dir.name} failed: {exc}", file=sys.stderr)
+    except Exception as exc:
+        # run_experiment recorded status and traceback in the run dir. A failing sweep
+        # job must not stop its siblings: SweepStatus reports failures at the end.
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (traceback in {run_dir / 'error.txt'})"
+        if not sweeping:
+            print(f"mtl-run: error: run failed: {message}", file=sys.stderr)
+            raise SystemExit(1) from None
+        print(f"mtl-run: job {run_dir.name} failed: {message}", file=sys.stderr)
+
+
+class SweepStatus(Callback):
+    """Hydra callback: after a sweep, list the jobs that did not complete (whatever the
+    launcher, by reading each job's results.json) and make mtl-run exit non-zero."""
+
+    failed: list[str] = []
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: object) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        failed = []
+        for job_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            results_file = job_dir / "results.json"
+            try:
+                status = json.loads(results_file.read_text()).get("status")
+            except (OSError, ValueError):
+                status = "unfinished"
+            if status != "completed":
+                failed.append(f"{job_dir.name} ({status})")
+        SweepStatus.failed = failed
+        if failed:
+            print(f"mtl-run: {len(failed)} job(s) of the sweep did not complete: {'; '.join(failed)}", file=sys.stderr)
 
 
 def _run_name(hydra_cfg: DictConfig) -> str:
@@ -136,6 +194,8 @@ def run() -> None:
     """``mtl-run``: validate, then let Hydra compose, launch and record the run(s)."""
     sys.argv += preflight(sys.argv[1:])
     _hydra_main()
+    if SweepStatus.failed:
+        raise SystemExit(1)
 
 
 def report() -> None:

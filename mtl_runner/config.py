@@ -58,6 +58,11 @@ class TrainerConfig:
     log_every_n_steps: int = MISSING
     progress: str = MISSING
     num_workers: Optional[int] = None
+    checkpoint_every_n_steps: int = MISSING
+    on_nonfinite: str = MISSING
+    max_nonfinite_steps: int = MISSING
+    grad_clip_norm: Optional[float] = None
+    deterministic: bool = MISSING
 
 
 @dataclass
@@ -79,6 +84,7 @@ class RunConfig:
     optimizer: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    resume: Optional[str] = None
 
 
 #: (key, predicate, what is allowed) for values whose type alone does not say enough.
@@ -93,6 +99,10 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.log_every_n_steps", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.progress", lambda v: v in ("auto", "bar", "lines", "off"), "auto, bar, lines or off"),
     ("trainer.num_workers", lambda v: v is None or v >= 0, "null or an integer >= 0"),
+    ("trainer.checkpoint_every_n_steps", lambda v: v >= 0, "an integer >= 0 (0: at epoch ends only)"),
+    ("trainer.on_nonfinite", lambda v: v in ("skip", "stop"), "skip or stop"),
+    ("trainer.max_nonfinite_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.grad_clip_norm", lambda v: v is None or v > 0, "null or a float > 0"),
     ("optimizer.lr", lambda v: v > 0, "a float > 0"),
     ("diagnostics.every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 turns diagnostics off)"),
     ("diagnostics.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
@@ -112,7 +122,7 @@ def validate(cfg: DictConfig) -> None:
         validate_target_node(node, group)
     for key, ok, allowed in VALUE_RULES:
         value = OmegaConf.select(cfg, key, default=None)
-        if value is None and key != "trainer.num_workers":
+        if value is None:
             continue
         try:
             good = ok(value)

@@ -123,6 +123,17 @@ class ConflictDiagnostics(Callback):
         self._reports: dict[str, Any] = {}
         self._not_applicable: str | None = None if len(task_names) > 1 else "a single task has no pairs"
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": list(self._epoch), "all": list(self._all), "losses": list(self._losses),
+            "reports": dict(self._reports), "not_applicable": self._not_applicable,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._epoch, self._all, self._losses = list(state["epoch"]), list(state["all"]), list(state["losses"])
+        self._reports = dict(state["reports"])
+        self._not_applicable = state["not_applicable"]
+
     def wants_jacobian(self, step: int) -> bool:
         return self.every_n_steps > 0 and self._not_applicable is None and step % self.every_n_steps == 0
 
@@ -149,7 +160,7 @@ class ConflictDiagnostics(Callback):
         if not self._epoch:
             return
         epoch_cos = torch.stack(self._epoch)  # (steps, pairs)
-        step = trainer.state.step
+        step = trainer.state.last_step
         trainer.logger.scalars([f"conflict/{p}" for p in self.pairs], (epoch_cos < 0).float().mean(0), step)
         if self.histograms:
             for i, p in enumerate(self.pairs):
@@ -161,7 +172,7 @@ class ConflictDiagnostics(Callback):
             self._reports["not_applicable"] = self._not_applicable
             self._write()
             return
-        self._report("final", trainer, trainer.state.step)
+        self._report("final", trainer, trainer.state.last_step)
 
     def _report(self, window: str, trainer: Trainer, step: int) -> None:
         if not self._all:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +12,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from mtl_runner import build, results
+from mtl_runner import build, io, results
+from mtl_runner.config import ConfigError
 from mtl_runner.diagnostics import ConflictDiagnostics, custom_scalars_layout
 from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.reference import evaluate_trivial, fit_trivial
+from mtl_runner.train.sharing_diagnostics import SharingDiagnostics
 from mtl_runner.train.trainer import Trainer, TrainerSettings
 
 
@@ -23,7 +27,40 @@ def settings_from(cfg: DictConfig) -> TrainerSettings:
         epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, seed=t.seed,
         lr_schedule=t.lr_schedule, warmup_epochs=t.warmup_epochs, jacobian=t.jacobian,
         log_every_n_steps=t.log_every_n_steps, progress=t.progress,
+        checkpoint_every_n_steps=t.checkpoint_every_n_steps, on_nonfinite=t.on_nonfinite,
+        max_nonfinite_steps=t.max_nonfinite_steps, grad_clip_norm=t.grad_clip_norm,
     )
+
+
+#: Config sections that must match between a run and its resumption (epochs may grow).
+RESUME_MUST_MATCH = ("dataset", "backbone", "sharing", "balancer", "surgery", "optimizer", "trainer.seed",
+                     "trainer.batch_size", "trainer.lr_schedule", "trainer.warmup_epochs")
+
+
+def load_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """The checkpoint to resume from, checked against the new config (one-line errors)."""
+    path = run_dir / "checkpoints" / "last.pt"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ConfigError(f"resume={cfg.resume}: checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    saved = OmegaConf.create(checkpoint.get("config", {}))
+    for key in RESUME_MUST_MATCH:
+        if _plain(OmegaConf.select(saved, key, default=None)) != _plain(OmegaConf.select(cfg, key, default=None)):
+            raise ConfigError(f"resume={cfg.resume}: {key} differs from the run being resumed; only trainer.epochs and logging settings may change")
+    return checkpoint
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """``trainer.deterministic=true``: PyTorch's deterministic algorithms everywhere."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
 
 HPARAM_GROUPS = ("dataset", "backbone", "sharing", "balancer", "surgery", "optimizer")
@@ -43,9 +80,29 @@ def option_names(cfg: DictConfig, choices: dict[str, str] | None) -> dict[str, s
 def run_experiment(
     cfg: DictConfig, run_dir: Path, run_name: str | None = None, choices: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    started = time.perf_counter()
+    """Train, test and write results; on failure, the run dir records the status and the
+    traceback (``results.json`` status ``failed``/``interrupted``, ``error.txt``) and the
+    exception propagates."""
     run_dir = Path(run_dir)
+    name = run_name or run_dir.name
+    try:
+        return _run(cfg, run_dir, name, choices)
+    except BaseException as exc:
+        if not isinstance(exc, ConfigError):
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            io.write_text(run_dir / "error.txt", traceback.format_exc())
+            io.write_json(run_dir / "results.json", {
+                "run_name": name, "status": status, "error": f"{type(exc).__name__}: {exc}",
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            })
+        raise
+
+
+def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] | None) -> dict[str, Any]:
+    started = time.perf_counter()
     console = Console()
+    checkpoint = load_resume_checkpoint(cfg, run_dir) if cfg.resume else None
+    configure_determinism(cfg.trainer.deterministic)
     device = build.resolve_device(cfg.trainer.device)
     taskset = build.build_taskset(cfg)
     torch.manual_seed(cfg.trainer.seed)
@@ -53,31 +110,40 @@ def run_experiment(
     balancer = build.build_balancer(cfg)
     surgery = build.build_surgery(cfg)
 
-    logger = RunLogger(run_dir / "tb")
+    logger = RunLogger(run_dir / "tb", purge_step=checkpoint["state"]["step"] if checkpoint else None)
     logger.custom_scalars(custom_scalars_layout())
     diagnostics = ConflictDiagnostics(
         taskset.task_names, cfg.diagnostics.every_n_steps, cfg.diagnostics.warmup_steps, run_dir,
         space=surgery.space, histograms=cfg.diagnostics.histograms, console=console,
     )
-    trainer = Trainer(
-        model, taskset, balancer, surgery, build.optimizer_factory(cfg), settings_from(cfg), device,
-        logger=logger, checkpoint_dir=run_dir / "checkpoints", name=run_name or run_dir.name,
-        callbacks=[diagnostics],
-    )
     try:
+        trainer = Trainer(
+            model, taskset, balancer, surgery, build.optimizer_factory(cfg), settings_from(cfg), device,
+            logger=logger, checkpoint_dir=run_dir / "checkpoints", name=run_name,
+            callbacks=[diagnostics, SharingDiagnostics()], config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    except ValueError as exc:  # incompatible choices found while wiring the run together
+        logger.close()
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    try:
+        if checkpoint is not None:
+            trainer.load_checkpoint(checkpoint)
+            console.print(f"resuming {run_dir} at epoch {trainer.state.epoch + 1}, step {trainer.state.step}")
         trainer.fit()
         test = trainer.test()
         trivial = evaluate_trivial(taskset.tasks, fit_trivial(taskset.tasks, taskset.train, device), taskset.test, device)
         out: dict[str, Any] = {
-            "run_name": run_name or run_dir.name,
+            "run_name": run_name,
             "status": "completed",
+            "nonfinite_steps": trainer.state.nonfinite_steps,
             "tasks": results.task_results(taskset.tasks, test.metrics, trivial),
             "test_losses": test.losses,
-            "parameters": {"mtl": build.count_parameters(model)},
+            "parameters": {"mtl": build.count_parameters(model), **model.parameter_counts()},
             "forward_passes_per_input": model.forward_passes_per_input,
             "device": str(device),
             "epochs": trainer.state.epoch,
             "steps": trainer.state.step,
+            "resumed": checkpoint is not None,
             "jacobian_strategy": trainer.engine.strategy,
             "wall_time_s": time.perf_counter() - started,
             "config": OmegaConf.to_container(cfg, resolve=True),

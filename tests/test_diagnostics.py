@@ -50,7 +50,7 @@ def test_cosines_equal_hand_computed_values(tmp_path: Path) -> None:
     engine = GradientEngine(model, balancer, NoSurgery(), "sequential")
     diag = ConflictDiagnostics(model.task_names, every_n_steps=1, warmup_steps=0, run_dir=tmp_path)
     logger = RunLogger(tmp_path / "tb")
-    trainer = SimpleNamespace(logger=logger, state=SimpleNamespace(step=1))
+    trainer = SimpleNamespace(logger=logger, state=SimpleNamespace(step=1, last_step=1))
 
     out = engine.forward(torch.zeros(1))
     losses = torch.stack([(out[t] ** 2).sum() for t in model.task_names])

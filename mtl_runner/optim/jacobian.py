@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,8 @@ class GradientEngine:
                 f"(sharing=hard); {type(model).__name__} has none: use surgery.space=params"
             )
         self.shared = [p for p in model.shared_parameters() if p.requires_grad]
+        if not self.shared:
+            _refuse_without_shared(model, balancer, surgery)
         self.task_params = {t: [p for p in model.task_parameters(t) if p.requires_grad] for t in model.task_names}
         last_ids = {id(p) for p in model.last_shared_parameters()} if balancer.requires_grads == "last_shared" else set()
         self.last_shared = [p for p in self.shared if id(p) in last_ids]
@@ -78,6 +80,15 @@ class GradientEngine:
         self._features: tuple[Tensor, Tensor] | None = None
         self._z: Tensor | None = None
         self.balancer_params = [p for p in balancer.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy ``auto`` settled on (and its timings), so a resumed run computes
+        its Jacobians the same way as the run it continues."""
+        return {"strategy": self.strategy, "timings": {k: list(v) for k, v in self._timings.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy = state["strategy"]
+        self._timings = {k: list(v) for k, v in state["timings"].items()}
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -102,6 +113,11 @@ class GradientEngine:
         self._balancer_backward(losses, weights)
         extra = self.model.penalty()
         wants_full = need_jacobian or self.surgery.needs_jacobian or self.balancer.requires_grads == "shared"
+        if not self.shared:
+            # Nothing shared (sharing=none/soft): per-task rows have zero columns, and only
+            # a diagnostics step can ask for them (the constructor refused the rest).
+            self._plain_backward(losses, w, extra)
+            return StepGradients(jacobian=losses.new_zeros((losses.shape[0], 0)) if wants_full else None)
         if not wants_full:
             if self.balancer.requires_grads == "last_shared":
                 rows = self._rows(losses, self.last_shared, with_heads=False)[0]
@@ -269,6 +285,25 @@ class GradientEngine:
             head_grads.append([None if g is None else g[t] for g in chunk])
             offset += len(params)
         return jacobian, head_grads
+
+
+def _refuse_without_shared(model: SharingModel, balancer: Balancer, surgery: Surgery) -> None:
+    """A model without shared parameters gives surgery and gradient-based balancers nothing
+    to act on: refuse them (one line, before training) instead of silently doing nothing."""
+    sharing = type(model).__module__.rsplit(".", 1)[-1]
+    if surgery.needs_jacobian:
+        name = type(surgery).__module__.rsplit(".", 1)[-1]
+        raise ValueError(
+            f"surgery={name} acts on shared parameters, but sharing={sharing} has none (each task has its own "
+            "encoder): use surgery=none, or a sharing strategy with shared parameters (hard, cross_stitch, mtan, mmoe, film)"
+        )
+    if balancer.requires_grads is not None:
+        name = type(balancer).__module__.rsplit(".", 1)[-1]
+        raise ValueError(
+            f"balancer={name} needs task gradients of shared parameters, but sharing={sharing} has none (each task has "
+            "its own encoder): use a loss-based balancer (uniform, uncertainty, dwa, rlw, ...) or a sharing strategy "
+            "with shared parameters"
+        )
 
 
 def _flatten(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> Tensor:

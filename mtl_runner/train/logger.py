@@ -54,6 +54,12 @@ class RunLogger:
                 self.writer.add_scalar(tag, value, step)
         self._pending.clear()
 
+    def sync(self) -> None:
+        """Flush buffered scalars and the event file itself to disk."""
+        self.flush()
+        if self.writer is not None:
+            self.writer.flush()
+
     def histogram(self, tag: str, values: Tensor, step: int) -> None:
         if self.writer is not None and values.numel():
             self.writer.add_histogram(tag, values.detach().float().cpu(), step)

@@ -34,6 +34,11 @@ class Progress:
             self._task = self._bar.add_task(self.name, total=self.total, info="")
         return self
 
+    def skip(self, steps: int) -> None:
+        """Start the bar at ``steps`` (a resumed run)."""
+        if self._bar is not None and steps:
+            self._bar.update(self._task, completed=steps)
+
     def advance(self) -> None:
         if self._bar is not None:
             self._bar.advance(self._task)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,20 @@ from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.progress import Progress
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with non-finite losses or gradients."""
+
+
 class Callback:
     """Hooks into the loop. ``wants_jacobian(step)`` asks the engine for per-task
-    gradients on that step (e.g. a diagnostics step)."""
+    gradients on that step (e.g. a diagnostics step). State a callback accumulates
+    across steps goes into checkpoints through ``state_dict``/``load_state_dict``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
 
     def wants_jacobian(self, step: int) -> bool:
         return False
@@ -58,6 +70,10 @@ class TrainerSettings:
     jacobian: str = "auto"
     log_every_n_steps: int = 10
     progress: str = "auto"
+    checkpoint_every_n_steps: int = 0
+    on_nonfinite: str = "skip"
+    max_nonfinite_steps: int = 10
+    grad_clip_norm: float | None = None
 
 
 @dataclass
@@ -68,9 +84,25 @@ class EvalResult:
 
 @dataclass
 class FitState:
+    """Counters that a checkpoint carries. ``batch_in_epoch`` > 0 marks a checkpoint taken
+    mid-epoch: resuming replays that epoch's batch order from ``epoch_data_state`` and
+    continues after the batches already trained on."""
+
     epoch: int = 0
     step: int = 0
+    batch_in_epoch: int = 0
+    epoch_data_state: Tensor | None = None
+    epoch_loss_sum: Tensor | None = None
+    epoch_batches: int = 0
+    nonfinite_steps: int = 0
+    consecutive_nonfinite: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def last_step(self) -> int:
+        """The index of the last completed step: epoch-level events are logged there, so a
+        resume that purges events from its own first step on never drops them."""
+        return self.step - 1
 
 
 class Trainer:
@@ -87,7 +119,10 @@ class Trainer:
         checkpoint_dir: Path | None = None,
         callbacks: Sequence[Callback] = (),
         name: str = "mtl",
+        config: dict[str, Any] | None = None,
     ) -> None:
+        """``config`` (the resolved run config) is stored in checkpoints, so a resume can
+        check it continues the same experiment."""
         self.model = model.to(device)
         self.taskset = taskset
         self.tasks = taskset.tasks
@@ -99,11 +134,17 @@ class Trainer:
         self.checkpoint_dir = checkpoint_dir
         self.callbacks = list(callbacks)
         self.name = name
+        self.config = config or {}
 
         self.data_generator = torch.Generator().manual_seed(settings.seed)
         self.method_generator = torch.Generator(device=device).manual_seed(settings.seed + 1)
         self.balancer.setup(self.tasks, self.method_generator)
         self.surgery.setup(len(self.tasks), self.method_generator)
+        if taskset.multi_input and surgery.space == "features":
+            raise ValueError(
+                f"surgery.space=features needs one representation shared by all tasks, but dataset={taskset.name} "
+                "gives each task its own inputs: use surgery.space=params"
+            )
         self.engine = GradientEngine(model, self.balancer, surgery, settings.jacobian)  # type: ignore[arg-type]
 
         groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -133,9 +174,17 @@ class Trainer:
         return torch.stack([task.loss(outputs[task.name], targets[task.name]) for task in self.tasks])
 
     def _forward(self, inputs: Any) -> dict[str, Tensor]:
+        """The training forward. Multi-input datasets (``inputs`` a dict task -> tensor)
+        run each task's inputs through the model for that task only
+        (:meth:`SharingModel.predict`); the engine's per-task gradients then come from
+        the same loss vector as for one shared batch."""
+        if isinstance(inputs, dict):
+            return self.model.predict(inputs)
         return self.engine.forward(inputs)
 
-    def train_step(self, batch: Batch) -> tuple[Tensor, Tensor, StepGradients]:
+    def train_step(self, batch: Batch) -> tuple[Tensor, Tensor, StepGradients, bool]:
+        """One optimisation step; returns losses, weights, the engine's gradients and
+        whether the step was applied (False when it was skipped as non-finite)."""
         inputs, targets = batch
         step = self.state.step
         self.model.train()
@@ -145,34 +194,71 @@ class Trainer:
         weights = self.balancer.weights(losses)
         need_jacobian = any(cb.wants_jacobian(step) for cb in self.callbacks)
         grads = self.engine.backward(losses, weights, need_jacobian=need_jacobian)
-        self.optimizer.step()
+        applied = self._guard_nonfinite(step, losses)
+        if applied:
+            self.optimizer.step()
         self.scheduler.step()
-        self.balancer.after_step(lambda: self._recompute_losses(inputs, targets))
-        for cb in self.callbacks:
-            cb.on_step(self, step, losses.detach(), weights.detach(), grads)
+        if applied:
+            self.balancer.after_step(lambda: self._recompute_losses(inputs, targets))
+            for cb in self.callbacks:
+                cb.on_step(self, step, losses.detach(), weights.detach(), grads)
         self.state.step += 1
-        return losses.detach(), weights.detach(), grads
+        return losses.detach(), weights.detach(), grads, applied
+
+    def _guard_nonfinite(self, step: int, losses: Tensor) -> bool:
+        """Check losses and gradients for NaN/inf (one host sync per step, as a GradScaler
+        does) and clip the gradient norm when configured. A non-finite step is skipped:
+        gradients are dropped, the optimizer does not step, the counter grows."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.settings.grad_clip_norm is not None:
+            total = torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip_norm)
+        else:
+            total = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        if bool(torch.isfinite(losses.detach()).all() & torch.isfinite(total)):
+            self.state.consecutive_nonfinite = 0
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.nonfinite_steps += 1
+        self.state.consecutive_nonfinite += 1
+        bad = [t.name for t, ok in zip(self.tasks, torch.isfinite(losses.detach()).tolist()) if not ok]
+        where = f"loss of task {', '.join(bad)}" if bad else "gradients"
+        message = f"step {step}: non-finite {where}"
+        if self.settings.on_nonfinite == "stop" or self.state.consecutive_nonfinite >= self.settings.max_nonfinite_steps:
+            raise NonFiniteError(f"{message} ({self.state.consecutive_nonfinite} consecutive; trainer.on_nonfinite={self.settings.on_nonfinite}, trainer.max_nonfinite_steps={self.settings.max_nonfinite_steps})")
+        warnings.warn(f"{message}; step skipped ({self.state.nonfinite_steps} so far)", RuntimeWarning, stacklevel=2)
+        return False
 
     @torch.no_grad()
     def _recompute_losses(self, inputs: Any, targets: dict[str, Tensor]) -> Tensor:
-        return self.compute_losses(self.model(inputs), targets)
+        return self.compute_losses(self.model.predict(inputs), targets)
 
     def fit(self) -> FitState:
         settings = self.settings
         names = [t.name for t in self.tasks]
         with Progress(settings.progress, self.name, settings.epochs, self.steps_per_epoch) as progress:
+            progress.skip(self.state.step)
             while self.state.epoch < settings.epochs:
                 epoch = self.state.epoch
                 started = time.perf_counter()
-                loss_sum = torch.zeros(len(self.tasks), device=self.device)
-                batches = 0
-                for batch in self.taskset.train.batches(
-                    settings.batch_size, shuffle=True, generator=self.data_generator, device=self.device
+                state = self.state
+                if state.batch_in_epoch == 0:
+                    state.epoch_data_state = self.data_generator.get_state()
+                    state.epoch_loss_sum = torch.zeros(len(self.tasks), device=self.device)
+                    state.epoch_batches = 0
+                else:  # resuming mid-epoch: replay this epoch's batch order
+                    assert state.epoch_data_state is not None
+                    self.data_generator.set_state(state.epoch_data_state)
+                for index, batch in enumerate(
+                    self.taskset.train.batches(settings.batch_size, shuffle=True, generator=self.data_generator, device=self.device)
                 ):
-                    step = self.state.step
-                    losses, weights, grads = self.train_step(batch)
-                    loss_sum += losses
-                    batches += 1
+                    if index < state.batch_in_epoch:
+                        continue
+                    step = state.step
+                    losses, weights, grads, applied = self.train_step(batch)
+                    state.batch_in_epoch = index + 1
+                    if applied:
+                        state.epoch_loss_sum += losses
+                        state.epoch_batches += 1
                     self.logger.scalars([f"weight/{n}" for n in names], weights, step)
                     if grads.surgery_weights is not None:
                         self.logger.scalars([f"surgery_weight/{n}" for n in names], grads.surgery_weights, step)
@@ -183,12 +269,17 @@ class Trainer:
                         self.logger.scalar("loss/train/total", (weights * losses).sum(), step)
                         self.logger.scalar("lr", self.scheduler.get_last_lr()[0], step)
                         self.logger.flush()
+                    every = settings.checkpoint_every_n_steps
+                    if every and state.step % every == 0:
+                        self.save_checkpoint()
                     progress.advance()
-                mean_losses = loss_sum / max(1, batches)
+                assert state.epoch_loss_sum is not None
+                mean_losses = state.epoch_loss_sum / max(1, state.epoch_batches)
                 self.balancer.epoch_end(mean_losses)
                 val = self.evaluate(self.taskset.val)
-                self._log_eval("val", val, self.state.step)
-                self.state.epoch += 1
+                self._log_eval("val", val, state.last_step)
+                state.epoch += 1
+                state.batch_in_epoch = 0
                 record = {
                     "epoch": self.state.epoch,
                     "train_loss": dict(zip(names, mean_losses.tolist())),
@@ -217,13 +308,14 @@ class Trainer:
         for inputs, targets in split.batches(
             self.settings.eval_batch_size, shuffle=False, generator=None, device=self.device
         ):
-            outputs = self.model(inputs)
-            n = len(next(iter(targets.values())))
+            outputs = self.model.predict(inputs)
+            # Per-task example counts: a multi-input batch holds a different number per task.
+            n = torch.tensor([len(targets[t.name]) for t in self.tasks], dtype=torch.float64, device=self.device)
             loss_sum += self.compute_losses(outputs, targets).double() * n
-            count += n
+            count = count + n
             for task in self.tasks:
                 accumulators[task.name].update(outputs[task.name], targets[task.name])
-        losses = (loss_sum / max(1, count)).tolist()
+        losses = (loss_sum / torch.as_tensor(count, dtype=torch.float64, device=self.device).clamp_min(1)).tolist()
         return EvalResult(
             losses={t.name: v for t, v in zip(self.tasks, losses)},
             metrics={name: acc.compute() for name, acc in accumulators.items()},
@@ -238,7 +330,7 @@ class Trainer:
 
     def test(self) -> EvalResult:
         result = self.evaluate(self.taskset.test)
-        self._log_eval("test", result, self.state.step)
+        self._log_eval("test", result, self.state.last_step)
         self.logger.flush()
         return result
 
@@ -250,10 +342,10 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "balancer": self.balancer.state_dict(),
             "surgery": self.surgery.state_dict(),
-            "engine_strategy": self.engine.strategy,
-            "epoch": self.state.epoch,
-            "step": self.state.step,
-            "history": self.state.history,
+            "config": self.config,
+            "engine": self.engine.state_dict(),
+            "state": asdict(self.state),
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
             "rng": {
                 "torch": torch.get_rng_state(),
                 "data": self.data_generator.get_state(),
@@ -263,5 +355,27 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """Atomically replace ``last.pt``; events up to here are flushed to disk first, so a
+        resume from this checkpoint that purges later events loses nothing."""
         if self.checkpoint_dir is not None:
+            self.logger.sync()
             io.torch_save(self.checkpoint_dir / "last.pt", self.checkpoint_state())
+
+    def load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore everything ``checkpoint_state`` saved; training continues exactly where
+        it stopped (same batches, same random draws)."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.balancer.load_state_dict(checkpoint["balancer"])
+        self.surgery.load_state_dict(checkpoint["surgery"])
+        self.engine.load_state_dict(checkpoint["engine"])
+        self.state = FitState(**checkpoint["state"])
+        for cb, cb_state in zip(self.callbacks, checkpoint["callbacks"]):
+            cb.load_state_dict(cb_state)
+        rng = checkpoint["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.data_generator.set_state(rng["data"])
+        self.method_generator.set_state(rng["method"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
