@@ -63,6 +63,9 @@ class TrainerConfig:
     max_nonfinite_steps: int = MISSING
     grad_clip_norm: Optional[float] = None
     deterministic: bool = MISSING
+    precision: str = MISSING
+    compile: bool = MISSING
+    channels_last: str = MISSING
 
 
 @dataclass
@@ -103,6 +106,8 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.on_nonfinite", lambda v: v in ("skip", "stop"), "skip or stop"),
     ("trainer.max_nonfinite_steps", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.grad_clip_norm", lambda v: v is None or v > 0, "null or a float > 0"),
+    ("trainer.precision", lambda v: v in ("32", "bf16", "fp16"), "32, bf16 or fp16"),
+    ("trainer.channels_last", lambda v: v in ("auto", "always", "never"), "auto (on CUDA for image inputs), always or never"),
     ("optimizer.lr", lambda v: v > 0, "a float > 0"),
     ("diagnostics.every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 turns diagnostics off)"),
     ("diagnostics.warmup_steps", lambda v: v >= 0, "an integer >= 0"),

@@ -29,6 +29,7 @@ def settings_from(cfg: DictConfig) -> TrainerSettings:
         log_every_n_steps=t.log_every_n_steps, progress=t.progress,
         checkpoint_every_n_steps=t.checkpoint_every_n_steps, on_nonfinite=t.on_nonfinite,
         max_nonfinite_steps=t.max_nonfinite_steps, grad_clip_norm=t.grad_clip_norm,
+        precision=str(t.precision), compile=t.compile, channels_last=t.channels_last,
     )
 
 
@@ -136,6 +137,7 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
             "run_name": run_name,
             "status": "completed",
             "nonfinite_steps": trainer.state.nonfinite_steps,
+            "fp16_overflow_steps": trainer.state.overflow_steps,
             "tasks": results.task_results(taskset.tasks, test.metrics, trivial),
             "test_losses": test.losses,
             "parameters": {"mtl": build.count_parameters(model), **model.parameter_counts()},

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, Union
 
 import torch
@@ -59,6 +59,10 @@ class TensorSplit:
 
     def __len__(self) -> int:
         return len(self.inputs)
+
+    @property
+    def nbytes(self) -> int:
+        return self.inputs.nbytes + sum(t.nbytes for t in self.targets.values())
 
     def to(self, device: torch.device) -> TensorSplit:
         return TensorSplit(self.inputs.to(device), {k: v.to(device) for k, v in self.targets.items()})
@@ -133,6 +137,20 @@ class TaskSet:
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
+
+    def on_device(self, device: torch.device, budget_fraction: float = 0.25) -> TaskSet:
+        """The splits held in memory moved to ``device`` once, when they fit in
+        ``budget_fraction`` of its free memory, so that a GPU run never waits on
+        host-to-device copies of the built-in or fixture-sized datasets. Splits read from
+        disk (``LoaderSplit``) keep their workers and pinned, non-blocking copies."""
+        if device.type != "cuda":
+            return self
+        movable = [split for split in (self.train, self.val, self.test) if hasattr(split, "to") and hasattr(split, "nbytes")]
+        free, _ = torch.cuda.mem_get_info(device)
+        if not movable or sum(split.nbytes for split in movable) > budget_fraction * free:
+            return self
+        moved = [split.to(device) if any(split is m for m in movable) else split for split in (self.train, self.val, self.test)]
+        return replace(self, train=moved[0], val=moved[1], test=moved[2])
 
     def only(self, task_name: str) -> TaskSet:
         """The same data restricted to one task: the single-task baseline's dataset."""

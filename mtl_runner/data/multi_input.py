@@ -60,6 +60,10 @@ class MultiInputSplit:
         """Samples per epoch of the largest task: the epoch length (see the module docstring)."""
         return max(self.sizes.values())
 
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes + y.nbytes for x, y in self.data.values())
+
     def to(self, device: torch.device) -> MultiInputSplit:
         return MultiInputSplit({t: (x.to(device), y.to(device)) for t, (x, y) in self.data.items()})
 

@@ -68,18 +68,25 @@ class GradientEngine:
                 f"surgery.space=features needs a sharing strategy with one shared representation "
                 f"(sharing=hard); {type(model).__name__} has none: use surgery.space=params"
             )
-        self.shared = [p for p in model.shared_parameters() if p.requires_grad]
+        self.refresh_parameters()
         if not self.shared:
             _refuse_without_shared(model, balancer, surgery)
-        self.task_params = {t: [p for p in model.task_parameters(t) if p.requires_grad] for t in model.task_names}
-        last_ids = {id(p) for p in model.last_shared_parameters()} if balancer.requires_grads == "last_shared" else set()
-        self.last_shared = [p for p in self.shared if id(p) in last_ids]
-        self._last_columns = _columns_of(self.shared, last_ids)
         self.strategy: Strategy = strategy
         self._timings: dict[str, list[float]] = {"batched": [], "sequential": []}
         self._features: tuple[Tensor, Tensor] | None = None
+        self._loss_scale: float | None = None
         self._z: Tensor | None = None
         self.balancer_params = [p for p in balancer.parameters() if p.requires_grad]
+
+    def refresh_parameters(self) -> None:
+        """Re-read which parameters train (``requires_grad``): frozen ones get no gradient
+        rows. Called again when fine-tuning unfreezes stages during a run."""
+        model = self.model
+        self.shared = [p for p in model.shared_parameters() if p.requires_grad]
+        self.task_params = {t: [p for p in model.task_parameters(t) if p.requires_grad] for t in model.task_names}
+        last_ids = {id(p) for p in model.last_shared_parameters()} if self.balancer.requires_grads == "last_shared" else set()
+        self.last_shared = [p for p in self.shared if id(p) in last_ids]
+        self._last_columns = _columns_of(self.shared, last_ids)
 
     def state_dict(self) -> dict[str, Any]:
         """The strategy ``auto`` settled on (and its timings), so a resumed run computes
@@ -102,13 +109,19 @@ class GradientEngine:
         return self.model.decode(z_leaf)
 
     # ----------------------------------------------------------------- backward
-    def backward(self, losses: Tensor, weights: Tensor, *, need_jacobian: bool = False) -> StepGradients:
+    def backward(
+        self, losses: Tensor, weights: Tensor, *, need_jacobian: bool = False, loss_scale: float | None = None
+    ) -> StepGradients:
         """Fill ``.grad`` of the model's (and the balancer's) parameters for this step.
 
         ``need_jacobian`` asks for per-task gradients even when neither the surgery nor
         the balancer needs them (a diagnostics step); the direction is then the same sum
-        the fast path would give.
+        the fast path would give. ``loss_scale`` (fp16 training): the model's gradients
+        are taken of the scaled losses, so half-precision activation gradients do not
+        underflow, and divided by the scale as soon as they exist, so the balancer, the
+        surgery and ``.grad`` all see true gradients.
         """
+        self._loss_scale = loss_scale
         w = weights.detach()
         self._balancer_backward(losses, weights)
         extra = self.model.penalty()
@@ -145,11 +158,20 @@ class GradientEngine:
         total = (w * losses).sum()
         if extra is not None:
             total = total + extra
+        if self._loss_scale is not None:
+            total = total * self._loss_scale
         total.backward()
         if self._features is not None:
             z, z_leaf = self._features
             z.backward(z_leaf.grad)
             self._features = None
+        if self._loss_scale is not None:
+            self._unscale_grads(self.model.parameters())
+
+    def _unscale_grads(self, params: Any) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, self._loss_scale)
 
     def _params_backward(self, losses: Tensor, weights: Tensor, extra: Tensor | None) -> StepGradients:
         jacobian, head_grads = self._rows(losses, self.shared, with_heads=True)
@@ -176,7 +198,11 @@ class GradientEngine:
         else:  # unreachable: Surgery.__init__ rejects space=features for these
             direction = self.surgery(rows, losses.detach())
         self._assign_heads(head_grads, weights.detach())
-        z.backward(direction.view_as(z), retain_graph=extra is not None)
+        if self._loss_scale is not None:
+            direction = direction * self._loss_scale
+        z.backward(direction.view_as(z).to(z.dtype), retain_graph=extra is not None)
+        if self._loss_scale is not None:
+            self._unscale_grads(self.shared)
         if extra is not None:
             extra.backward()
         return StepGradients(jacobian=jacobian, surgery_weights=self.surgery.last_weights)
@@ -217,6 +243,8 @@ class GradientEngine:
         task's gradients of its own head parameters (when ``with_heads``)."""
         strategy = self._choose()
         start = self._clock() if self.strategy == "auto" else None
+        if self._loss_scale is not None:
+            losses = losses * self._loss_scale
         if strategy == "batched":
             try:
                 result = self._rows_batched(losses, targets, with_heads)
@@ -228,7 +256,14 @@ class GradientEngine:
             result = self._rows_sequential(losses, targets, with_heads)
         if start is not None:
             self._timings[strategy].append(self._clock() - start)
-        return result
+        jacobian, head_grads = result
+        # Rows of a half-precision representation (features space under autocast) are
+        # promoted: surgery solves small systems from their Gramian.
+        jacobian = jacobian.float() if jacobian.dtype in (torch.float16, torch.bfloat16) else jacobian
+        if self._loss_scale is not None:
+            jacobian = jacobian / self._loss_scale
+            head_grads = [[None if g is None else g / self._loss_scale for g in grads] for grads in head_grads]
+        return jacobian, head_grads
 
     def _choose(self) -> str:
         if self.strategy != "auto":

@@ -28,6 +28,7 @@ from mtl_runner.optim.balancers.base import Balancer
 from mtl_runner.optim.jacobian import GradientEngine, StepGradients
 from mtl_runner.optim.surgery.base import Surgery
 from mtl_runner.train.logger import RunLogger
+from mtl_runner.train.precision import PRECISIONS, LossScaler, autocast
 from mtl_runner.train.progress import Progress
 
 
@@ -48,6 +49,9 @@ class Callback:
 
     def wants_jacobian(self, step: int) -> bool:
         return False
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first step of ``fit`` (after a resume has restored the state)."""
 
     def on_step(self, trainer: Trainer, step: int, losses: Tensor, weights: Tensor, grads: StepGradients) -> None:
         pass
@@ -74,6 +78,9 @@ class TrainerSettings:
     on_nonfinite: str = "skip"
     max_nonfinite_steps: int = 10
     grad_clip_norm: float | None = None
+    precision: str = "32"
+    compile: bool = False
+    channels_last: str = "auto"
 
 
 @dataclass
@@ -96,6 +103,7 @@ class FitState:
     epoch_batches: int = 0
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
+    overflow_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -120,11 +128,26 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         name: str = "mtl",
         config: dict[str, Any] | None = None,
+        param_groups: list[dict[str, Any]] | None = None,
     ) -> None:
         """``config`` (the resolved run config) is stored in checkpoints, so a resume can
-        check it continues the same experiment."""
+        check it continues the same experiment. ``param_groups`` replaces the default
+        single group of trainable model parameters (fine-tuning: per-stage learning
+        rates, frozen stages that unfreeze later)."""
+        if settings.precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}")
         self.model = model.to(device)
-        self.taskset = taskset
+        # channels_last (NHWC) is what cuDNN's fastest convolution kernels want; on a CPU,
+        # and for models without convolutions, it only adds layout conversions.
+        self.channels_last = settings.channels_last == "always" or (
+            settings.channels_last == "auto" and device.type == "cuda" and len(taskset.input_shape) == 3
+        )
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if settings.compile:
+            self.model.compile()  # compiles forward(); encode/decode of the features space stay eager
+        self.scaler = LossScaler() if settings.precision == "fp16" else None
+        self.taskset = taskset.on_device(device)
         self.tasks = taskset.tasks
         self.balancer = balancer.to(device)
         self.surgery = surgery
@@ -147,7 +170,7 @@ class Trainer:
             )
         self.engine = GradientEngine(model, self.balancer, surgery, settings.jacobian)  # type: ignore[arg-type]
 
-        groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        groups: list[dict[str, Any]] = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
         balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
         if balancer_params:
             group: dict[str, Any] = {"params": balancer_params, "weight_decay": 0.0}
@@ -180,6 +203,8 @@ class Trainer:
         the same loss vector as for one shared batch."""
         if isinstance(inputs, dict):
             return self.model.predict(inputs)
+        if self.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         return self.engine.forward(inputs)
 
     def train_step(self, batch: Batch) -> tuple[Tensor, Tensor, StepGradients, bool]:
@@ -189,11 +214,13 @@ class Trainer:
         step = self.state.step
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        outputs = self._forward(inputs)
-        losses = self.compute_losses(outputs, targets)
+        with autocast(self.device, self.settings.precision):
+            outputs = self._forward(inputs)
+            losses = self.compute_losses(outputs, targets).float()
         weights = self.balancer.weights(losses)
         need_jacobian = any(cb.wants_jacobian(step) for cb in self.callbacks)
-        grads = self.engine.backward(losses, weights, need_jacobian=need_jacobian)
+        loss_scale = self.scaler.scale if self.scaler is not None else None
+        grads = self.engine.backward(losses, weights, need_jacobian=need_jacobian, loss_scale=loss_scale)
         applied = self._guard_nonfinite(step, losses)
         if applied:
             self.optimizer.step()
@@ -214,7 +241,14 @@ class Trainer:
             total = torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip_norm)
         else:
             total = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        if bool(torch.isfinite(losses.detach()).all() & torch.isfinite(total)):
+        losses_finite = bool(torch.isfinite(losses.detach()).all())
+        finite = losses_finite and bool(torch.isfinite(total))
+        if self.scaler is not None and losses_finite and self.scaler.update(finite):
+            # An fp16 overflow of the scaled gradients: the scale backs off, the step is skipped.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.overflow_steps += 1
+            return False
+        if finite:
             self.state.consecutive_nonfinite = 0
             return True
         self.optimizer.zero_grad(set_to_none=True)
@@ -237,6 +271,8 @@ class Trainer:
         names = [t.name for t in self.tasks]
         with Progress(settings.progress, self.name, settings.epochs, self.steps_per_epoch) as progress:
             progress.skip(self.state.step)
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
             while self.state.epoch < settings.epochs:
                 epoch = self.state.epoch
                 started = time.perf_counter()
@@ -308,7 +344,10 @@ class Trainer:
         for inputs, targets in split.batches(
             self.settings.eval_batch_size, shuffle=False, generator=None, device=self.device
         ):
-            outputs = self.model.predict(inputs)
+            if self.channels_last and isinstance(inputs, Tensor) and inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.settings.precision):
+                outputs = {name: out.float() for name, out in self.model.predict(inputs).items()}
             # Per-task example counts: a multi-input batch holds a different number per task.
             n = torch.tensor([len(targets[t.name]) for t in self.tasks], dtype=torch.float64, device=self.device)
             loss_sum += self.compute_losses(outputs, targets).double() * n
@@ -342,6 +381,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "balancer": self.balancer.state_dict(),
             "surgery": self.surgery.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.config,
             "engine": self.engine.state_dict(),
             "state": asdict(self.state),
@@ -369,6 +409,8 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.balancer.load_state_dict(checkpoint["balancer"])
         self.surgery.load_state_dict(checkpoint["surgery"])
+        if self.scaler is not None and checkpoint.get("scaler") is not None:
+            self.scaler.load_state_dict(checkpoint["scaler"])
         self.engine.load_state_dict(checkpoint["engine"])
         self.state = FitState(**checkpoint["state"])
         for cb, cb_state in zip(self.callbacks, checkpoint["callbacks"]):
