@@ -78,6 +78,17 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Types of ``finetune.*`` (see :mod:`mtl_runner.train.finetune`); values in
+    ``conf/finetune/default.yaml``."""
+
+    freeze_stages: int = MISSING
+    unfreeze_every: int = MISSING
+    lr_decay: float = MISSING
+    reinit_heads: bool = MISSING
+
+
+@dataclass
 class RunConfig:
     dataset: Any = None
     backbone: Any = None
@@ -87,7 +98,9 @@ class RunConfig:
     optimizer: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     resume: Optional[str] = None
+    init_from: Optional[str] = None
 
 
 #: (key, predicate, what is allowed) for values whose type alone does not say enough.
@@ -111,7 +124,17 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optimizer.lr", lambda v: v > 0, "a float > 0"),
     ("diagnostics.every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 turns diagnostics off)"),
     ("diagnostics.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("finetune.freeze_stages", lambda v: v >= 0, "an integer >= 0 (0: nothing frozen)"),
+    ("finetune.unfreeze_every", lambda v: v >= 0, "an integer >= 0 (0: frozen stages stay frozen)"),
+    ("finetune.lr_decay", lambda v: 0 < v <= 1, "a float in (0, 1] (1: the same rate everywhere)"),
+    ("init_from", lambda v: _checkpoint_file(v) is not None, "a checkpoint .pt file or a run directory with checkpoints/last.pt"),
 ]
+
+
+def _checkpoint_file(init_from: str) -> Any:
+    from mtl_runner.train.finetune import checkpoint_file  # imports torch: only when init_from is set
+
+    return checkpoint_file(init_from)
 
 
 def register_schema() -> None:
@@ -135,6 +158,12 @@ def validate(cfg: DictConfig) -> None:
             good = False
         if not good:
             raise ConfigError(f"{key}={value!r} is not allowed; expected {allowed}")
+    finetune = cfg.get("finetune")
+    if finetune is not None:
+        if finetune.reinit_heads and not cfg.get("init_from"):
+            raise ConfigError("finetune.reinit_heads=true needs init_from=<checkpoint or run dir>: without it every head is fresh already")
+        if finetune.unfreeze_every > 0 and finetune.freeze_stages == 0:
+            raise ConfigError(f"finetune.unfreeze_every={finetune.unfreeze_every} needs finetune.freeze_stages >= 1 (stages to unfreeze)")
 
 
 def validate_target_node(node: Any, path: str) -> None:

@@ -18,6 +18,7 @@ from mtl_runner.diagnostics import ConflictDiagnostics, custom_scalars_layout
 from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.reference import evaluate_trivial, fit_trivial
 from mtl_runner.train.sharing_diagnostics import SharingDiagnostics
+from mtl_runner.train import finetune
 from mtl_runner.train.trainer import Trainer, TrainerSettings
 
 
@@ -35,7 +36,7 @@ def settings_from(cfg: DictConfig) -> TrainerSettings:
 
 #: Config sections that must match between a run and its resumption (epochs may grow).
 RESUME_MUST_MATCH = ("dataset", "backbone", "sharing", "balancer", "surgery", "optimizer", "trainer.seed",
-                     "trainer.batch_size", "trainer.lr_schedule", "trainer.warmup_epochs")
+                     "trainer.batch_size", "trainer.lr_schedule", "trainer.warmup_epochs", "finetune")
 
 
 def load_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -108,6 +109,7 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
     taskset = build.build_taskset(cfg)
     torch.manual_seed(cfg.trainer.seed)
     model = build.build_model(cfg, taskset)
+    param_groups, finetune_callbacks = finetune.setup(model, cfg, console, run_dir, resuming=checkpoint is not None)
     balancer = build.build_balancer(cfg)
     surgery = build.build_surgery(cfg)
 
@@ -121,7 +123,8 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
         trainer = Trainer(
             model, taskset, balancer, surgery, build.optimizer_factory(cfg), settings_from(cfg), device,
             logger=logger, checkpoint_dir=run_dir / "checkpoints", name=run_name,
-            callbacks=[diagnostics, SharingDiagnostics()], config=OmegaConf.to_container(cfg, resolve=True),
+            callbacks=[diagnostics, SharingDiagnostics(), *finetune_callbacks], config=OmegaConf.to_container(cfg, resolve=True),
+            param_groups=param_groups,
         )
     except ValueError as exc:  # incompatible choices found while wiring the run together
         logger.close()
