@@ -74,6 +74,10 @@ class GramianWeighting(Surgery):
         raise NotImplementedError
 
     def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
+        # A row with a non-finite entry is dropped (zeroed, weight 0): one bad task must
+        # not turn the whole direction into NaN (0 * nan is nan, so zero it here).
+        finite = torch.isfinite(jacobian).all(1, keepdim=True)
+        jacobian = torch.where(finite, jacobian, torch.zeros_like(jacobian))
         gramian = jacobian @ jacobian.T
         weights = self.weights(gramian, losses).to(jacobian.dtype)
         self.last_weights = weights

@@ -1,0 +1,214 @@
+"""Small T-dimensional problems on the Gramian, solved in torch on its device.
+
+Row-weighting methods (mgda, cagrad, upgrad) each solve a tiny constrained problem in the
+``T x T`` Gramian ``M = J J^T`` per step. Calling a host QP solver would force a
+device-to-host copy (a synchronisation) every step, so the problems are solved here with
+fixed-shape tensor code:
+
+- up to :data:`MAX_EXACT_TASKS` tasks, *exactly*, by enumerating every candidate support
+  (active set) at once: the KKT system of each support is a small linear system, all
+  ``2^T - 1`` of them go through one batched ``solve_ex``, every candidate is made
+  feasible, and the feasible candidate with the lowest objective wins. A wrong or
+  ill-conditioned candidate can only lose, because each one is scored by the true
+  objective at a feasible point, while the optimum's own support yields the optimum;
+- beyond that (``2^T`` grows too fast), by accelerated projected gradient with a fixed
+  number of iterations (no data-dependent stopping, so no host synchronisation).
+
+Singular Gramians (identical or zero rows) are handled by a ridge of one unit of
+round-off relative to the trace, which keeps every system solvable and changes the
+result far below the dtype's precision.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+#: Largest T solved exactly by support enumeration (4095 small systems per step).
+MAX_EXACT_TASKS = 12
+#: Iterations of the projected-gradient fallback for T > MAX_EXACT_TASKS.
+FALLBACK_ITERATIONS = 500
+
+
+def ridge(gramian: Tensor) -> Tensor:
+    """``M + delta I`` with ``delta`` one unit of round-off of the mean diagonal (and a
+    floor for an all-zero Gramian), so that every principal sub-system is solvable."""
+    size = gramian.shape[-1]
+    eps = torch.finfo(gramian.dtype).eps
+    delta = eps * gramian.diagonal(dim1=-2, dim2=-1).sum(-1) / size + eps
+    return gramian + delta[..., None, None] * torch.eye(size, dtype=gramian.dtype, device=gramian.device)
+
+
+def without_nonfinite(gramian: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero the rows and columns of tasks whose gradient has a non-finite entry (their
+    squared norm ``M_tt`` is then non-finite), and say which tasks remain."""
+    finite = torch.isfinite(gramian.diagonal())
+    keep = finite[:, None] & finite[None, :]
+    return torch.where(keep, gramian, torch.zeros_like(gramian)), finite
+
+
+@lru_cache(maxsize=32)
+def _supports_cpu(num_tasks: int) -> Tensor:
+    codes = torch.arange(1, 2**num_tasks)
+    return (codes[:, None] >> torch.arange(num_tasks)) & 1 == 1
+
+
+def supports(num_tasks: int, device: torch.device) -> Tensor:
+    """Every non-empty subset of the tasks as a boolean mask, shape ``(2^T - 1, T)``."""
+    return _supports_cpu(num_tasks).to(device)
+
+
+def solve_on_support(gramian: Tensor, mask: Tensor, rhs: Tensor) -> Tensor:
+    """For each support ``S`` (rows of ``mask``), ``x`` with ``x_S = (M_SS)^-1 rhs_S`` and
+    ``x = 0`` off ``S``; ``rhs`` is ``(K, T, R)`` (or broadcastable). Non-finite where the
+    system is singular in floating point."""
+    m = ridge(gramian)
+    both = mask[:, :, None] & mask[:, None, :]
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    systems = torch.where(both, m, eye)
+    rhs = torch.where(mask[:, :, None], rhs, torch.zeros_like(rhs))
+    solution, info = torch.linalg.solve_ex(systems, rhs)
+    bad = (info != 0)[:, None, None] | ~torch.isfinite(solution)
+    return torch.where(bad, torch.full_like(solution, float("nan")), solution)
+
+
+def project_onto_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of each row of ``v`` onto the probability simplex (sort-based)."""
+    size = v.shape[-1]
+    sorted_v, _ = torch.sort(v, dim=-1, descending=True)
+    cumsum = sorted_v.cumsum(-1) - 1
+    index = torch.arange(1, size + 1, dtype=v.dtype, device=v.device)
+    active = sorted_v - cumsum / index > 0
+    rho = active.to(v.dtype).cumsum(-1).argmax(-1, keepdim=True)  # last True position
+    theta = cumsum.gather(-1, rho) / (rho + 1).to(v.dtype)
+    return (v - theta).clamp_min(0)
+
+
+def _lipschitz(gramian: Tensor) -> Tensor:
+    """An upper bound of ``lambda_max(M)`` (Frobenius norm), floored away from zero."""
+    return torch.linalg.matrix_norm(gramian).clamp_min(torch.finfo(gramian.dtype).tiny ** 0.5)
+
+
+def _best(candidates: Tensor, objective: Tensor) -> Tensor:
+    """The candidate (row) with the lowest objective, ignoring non-finite objectives."""
+    objective = torch.where(torch.isfinite(objective), objective, torch.full_like(objective, float("inf")))
+    return candidates[objective.argmin()]
+
+
+# ------------------------------------------------------------------ min norm in the hull
+def min_norm_weights(gramian: Tensor) -> Tensor:
+    """``argmin_{w in simplex} w^T M w``: the convex weights of the minimum-norm point of
+    the convex hull of the rows (MGDA's subproblem)."""
+    num_tasks = gramian.shape[0]
+    if num_tasks > MAX_EXACT_TASKS:
+        return _min_norm_projected_gradient(gramian)
+    mask = supports(num_tasks, gramian.device)
+    ones = torch.ones(mask.shape[0], num_tasks, 1, dtype=gramian.dtype, device=gramian.device)
+    z = solve_on_support(gramian, mask, ones)[..., 0]  # w_S proportional to (M_SS)^-1 1
+    candidates = _onto_simplex_face(z, mask)
+    objective = ((candidates @ gramian) * candidates).sum(-1)
+    return _best(candidates, objective)
+
+
+def _onto_simplex_face(x: Tensor, mask: Tensor) -> Tensor:
+    """Normalise candidate weights to sum 1; candidates with a clearly negative entry or
+    no positive mass are marked infeasible (NaN); round-off negatives are clipped."""
+    total = x.sum(-1, keepdim=True)
+    w = x / total
+    tolerance = 1e3 * torch.finfo(x.dtype).eps
+    feasible = (w >= -tolerance).all(-1, keepdim=True) & (total > 0) & torch.isfinite(w).all(-1, keepdim=True)
+    w = w.clamp_min(0) * mask
+    w = w / w.sum(-1, keepdim=True)
+    return torch.where(feasible, w, torch.full_like(w, float("nan")))
+
+
+def _min_norm_projected_gradient(gramian: Tensor) -> Tensor:
+    step = 1 / (2 * _lipschitz(gramian))
+    w = torch.full((gramian.shape[0],), 1 / gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+    y, previous = w, w
+    for k in range(FALLBACK_ITERATIONS):
+        w = project_onto_simplex(y - step * 2 * (gramian @ y))
+        y = w + (k / (k + 3)) * (w - previous)
+        previous = w
+    return w
+
+
+# ------------------------------------------------------------------- dual-cone projection
+def dual_cone_weights(gramian: Tensor, lower: Tensor) -> Tensor:
+    """For each row ``u`` of ``lower`` (``(R, T)``), ``argmin_{v >= u} v^T M v``.
+
+    With ``M = J J^T`` and ``g = J^T u``, ``J^T v`` is the Euclidean projection of ``g``
+    onto the dual cone ``{x : J x >= 0}`` (Quinton & Rey 2024, Proposition 1), so the
+    projection is found from the Gramian alone."""
+    num_tasks = gramian.shape[0]
+    if num_tasks > MAX_EXACT_TASKS:
+        return _dual_cone_projected_gradient(gramian, lower)
+    free = supports(num_tasks, gramian.device)
+    free = torch.cat([torch.zeros_like(free[:1]), free])  # also: every bound active, v = u
+    # On the free set F: M_FF v_F = -M_FA u_A; elsewhere v = u.
+    pinned = torch.where(free[:, None, :], torch.zeros_like(lower)[None], lower[None])  # (K, R, T)
+    rhs = -(pinned @ gramian).transpose(1, 2)  # (K, T, R)
+    v_free = solve_on_support(gramian, free, rhs).transpose(1, 2)  # (K, R, T)
+    candidates = torch.where(free[:, None, :], v_free, pinned)
+    tolerance = 1e3 * torch.finfo(gramian.dtype).eps * (1 + lower.abs())
+    feasible = (candidates >= lower[None] - tolerance).all(-1, keepdim=True)
+    candidates = torch.maximum(candidates, lower[None])
+    candidates = torch.where(feasible, candidates, torch.full_like(candidates, float("nan")))
+    objective = ((candidates @ gramian) * candidates).sum(-1)  # (K, R)
+    objective = torch.where(torch.isfinite(objective), objective, torch.full_like(objective, float("inf")))
+    best = objective.argmin(0)  # (R,)
+    return candidates[best, torch.arange(lower.shape[0], device=gramian.device)]
+
+
+def _dual_cone_projected_gradient(gramian: Tensor, lower: Tensor) -> Tensor:
+    step = 1 / (2 * _lipschitz(gramian))
+    v = lower.clone()
+    y, previous = v, v
+    for k in range(FALLBACK_ITERATIONS):
+        v = torch.maximum(y - step * 2 * (y @ gramian), lower)
+        y = v + (k / (k + 3)) * (v - previous)
+        previous = v
+    return v
+
+
+# ---------------------------------------------------------------------------- CAGrad
+def cagrad_weights(gramian: Tensor, radius: Tensor) -> Tensor:
+    """``argmin_{w in simplex} w^T M b + r sqrt(w^T M w)``, ``b = 1/T`` (CAGrad's dual,
+    Liu et al. 2021, eq. 4 with ``r = c ||g0||``).
+
+    Exact path: on a support ``S`` the stationarity conditions
+    ``(M b)_S + r M_SS w_S / n = nu 1`` with ``n = ||g_w||`` and ``sum w = 1`` give, with
+    ``z = M_SS^-1 1`` and ``y = M_SS^-1 (M b)_S``, ``w_S = (nu z - y) / sqrt(disc)`` where
+    ``nu`` solves ``s_z nu^2 - 2 s_y nu + y.(M b)_S - r^2 = 0`` (``s_* = sum``). The
+    min-norm candidates of the same supports are added, which covers ``g_w = 0``."""
+    num_tasks = gramian.shape[0]
+    mean = torch.full((num_tasks,), 1 / num_tasks, dtype=gramian.dtype, device=gramian.device)
+    toward_mean = gramian @ mean
+    if num_tasks > MAX_EXACT_TASKS:
+        return _cagrad_projected_gradient(gramian, toward_mean, radius)
+    mask = supports(num_tasks, gramian.device)
+    rhs = torch.stack([torch.ones_like(mean), toward_mean], -1).expand(mask.shape[0], num_tasks, 2)
+    solved = solve_on_support(gramian, mask, rhs)
+    z, y = solved[..., 0], solved[..., 1]
+    s_z, s_y = z.sum(-1), y.sum(-1)
+    q = (y * toward_mean).sum(-1)
+    disc = s_y**2 - s_z * (q - radius**2)
+    root = disc.clamp_min(0).sqrt()
+    nu = (s_y + root) / s_z
+    stationary = torch.where((disc > 0)[:, None], (nu[:, None] * z - y) / root[:, None], torch.full_like(z, float("nan")))
+    candidates = torch.cat([_onto_simplex_face(stationary, mask), _onto_simplex_face(z, mask)])
+    norms = ((candidates @ gramian) * candidates).sum(-1).clamp_min(0).sqrt()
+    objective = candidates @ toward_mean + radius * norms
+    return _best(candidates, objective)
+
+
+def _cagrad_projected_gradient(gramian: Tensor, toward_mean: Tensor, radius: Tensor) -> Tensor:
+    step = 1 / (2 * _lipschitz(gramian) * (1 + radius / toward_mean.norm().clamp_min(1e-30)))
+    w = torch.full_like(toward_mean, 1 / toward_mean.shape[0])
+    floor = torch.finfo(gramian.dtype).tiny ** 0.5
+    for _ in range(FALLBACK_ITERATIONS):
+        norm = (w @ gramian @ w).clamp_min(0).sqrt().clamp_min(floor)
+        w = project_onto_simplex(w - step * (toward_mean + radius * (gramian @ w) / norm))
+    return w
