@@ -89,6 +89,15 @@ class FinetuneConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """Types of ``baseline.*`` (see :mod:`mtl_runner.baselines`); values in
+    ``conf/baseline/{on,off}.yaml``."""
+
+    enabled: bool = MISSING
+    root: str = MISSING
+
+
+@dataclass
 class RunConfig:
     dataset: Any = None
     backbone: Any = None
@@ -99,6 +108,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     resume: Optional[str] = None
     init_from: Optional[str] = None
 
@@ -124,6 +134,7 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optimizer.lr", lambda v: v > 0, "a float > 0"),
     ("diagnostics.every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 turns diagnostics off)"),
     ("diagnostics.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("baseline.root", lambda v: bool(v.strip()), "a directory path for the baseline cache"),
     ("finetune.freeze_stages", lambda v: v >= 0, "an integer >= 0 (0: nothing frozen)"),
     ("finetune.unfreeze_every", lambda v: v >= 0, "an integer >= 0 (0: frozen stages stay frozen)"),
     ("finetune.lr_decay", lambda v: 0 < v <= 1, "a float in (0, 1] (1: the same rate everywhere)"),

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from mtl_runner import build, io, results
+from mtl_runner import baselines, build, io, results
 from mtl_runner.config import ConfigError
 from mtl_runner.diagnostics import ConflictDiagnostics, custom_scalars_layout
 from mtl_runner.train.logger import RunLogger
@@ -153,6 +153,8 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
             "wall_time_s": time.perf_counter() - started,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
+        if cfg.baseline.enabled:
+            baselines.add_to_results(out, baselines.ensure_all(cfg, taskset, console))
         results.write(run_dir, out)
         results.print_summary(out, console)
         hparams = {**option_names(cfg, choices), "lr": float(cfg.optimizer.lr), "seed": int(cfg.trainer.seed)}
