@@ -61,7 +61,12 @@ def build_surgery(cfg: DictConfig) -> Surgery:
 
 
 def optimizer_factory(cfg: DictConfig) -> Any:
-    return lambda groups: _instantiate(cfg.optimizer, "optimizer", params=groups)
+    """``optimizer.fused=null`` means fused kernels on CUDA: one kernel launch per step,
+    and the trainer can then skip a non-finite step on the device, without a host sync."""
+    runtime: dict[str, Any] = {}
+    if "fused" in cfg.optimizer and cfg.optimizer.fused is None:
+        runtime["fused"] = resolve_device(cfg.trainer.device).type == "cuda"
+    return lambda groups: _instantiate(cfg.optimizer, "optimizer", params=groups, **runtime)
 
 
 def count_parameters(module: torch.nn.Module) -> int:
