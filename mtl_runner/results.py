@@ -2,8 +2,9 @@
 
 ``results.json`` follows design.md: ``tasks.<task>.metrics.<metric>`` holds the MTL value
 (``mtl``), its direction (``higher_is_better``) and the trivial predictor's value
-(``trivial``); the single-task baseline fields (``stl``, ``delta_pct``) and ``delta_m_pct``
-are added when baselines ran.
+(``trivial``); the single-task baseline fields (``stl``, ``delta_pct``, per task
+``delta_pct_mean``), ``delta_m_pct``, ``parameters.stl_sum`` and the ``baselines`` section
+are added by :func:`mtl_runner.baselines.add_to_results` when baselines ran.
 """
 
 from __future__ import annotations
@@ -71,10 +72,34 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("delta_m_pct") is not None:
         lines.append(f"**Δm = {results['delta_m_pct']:+.2f}%** (positive: better than single-task baselines)")
         lines.append("")
-    params = results["parameters"]
-    lines.append(f"Parameters: {params['mtl']:,} (MTL model)")
-    lines.append(f"Wall time: {results['wall_time_s']:.1f} s")
+    lines += [f"{line}  " for line in comparison_lines(results)]
     return "\n".join(lines) + "\n"
+
+
+def comparison_lines(results: dict[str, Any]) -> list[str]:
+    """Per-task mean deltas and the costs of the MTL model beside those of the single-task
+    models (parameters, encoder passes per input, wall time; a cached baseline's time is
+    the time it took when it was trained)."""
+    lines = []
+    averages = [f"{task} {_signed(entry['delta_pct_mean'])}{' (auxiliary)' if entry.get('auxiliary') else ''}"
+                for task, entry in results["tasks"].items() if "delta_pct_mean" in entry]
+    if averages:
+        lines.append("Mean Δ% per task: " + ", ".join(averages))
+    params = results["parameters"]
+    stl = results.get("baselines")
+    if stl is None:
+        lines.append(f"Parameters: {params['mtl']:,} (MTL model)")
+        lines.append(f"Wall time: {results['wall_time_s']:.1f} s")
+        return lines
+    lines.append(f"Parameters: {params['mtl']:,} (MTL model) vs {params['stl_sum']:,} (sum of {len(stl['tasks'])} single-task models)")
+    lines.append(f"Forward passes per input: {results['forward_passes_per_input']} (MTL) vs {stl['forward_passes_per_input']} (single-task)")
+    lines.append(f"Wall time: {results['wall_time_s']:.1f} s (MTL run) vs {stl['wall_time_s']:.1f} s (single-task baselines; "
+                 f"{stl['trained_this_run_s']:.1f} s trained in this run, the rest cached)")
+    return lines
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}%"
 
 
 def print_summary(results: dict[str, Any], console: Console | None = None) -> None:
@@ -86,7 +111,9 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
         table.add_row(*row)
     console.print(table)
     if results.get("delta_m_pct") is not None:
-        console.print(f"Δm = {results['delta_m_pct']:+.2f}%")
+        console.print(f"Δm = {results['delta_m_pct']:+.2f}% (positive: better than single-task baselines)")
+    for line in comparison_lines(results):
+        console.print(line)
 
 
 def final_metrics(results: dict[str, Any]) -> dict[str, float]:
