@@ -44,7 +44,11 @@ def _instantiate(node: DictConfig, key: str, **runtime: Any) -> Any:
 
 
 def build_taskset(cfg: DictConfig) -> TaskSet:
-    return _instantiate(cfg.dataset, "dataset")
+    """The dataset, with the auxiliary task of ``+aux=...`` added when one is chosen."""
+    taskset = _instantiate(cfg.dataset, "dataset")
+    if cfg.get("aux") is not None:
+        taskset = _instantiate(cfg.aux, "aux", taskset=taskset)
+    return taskset
 
 
 def build_model(cfg: DictConfig, taskset: TaskSet) -> SharingModel:

@@ -33,8 +33,14 @@ register_schema()
 
 
 def fail(message: str) -> None:
-    print(f"mtl-run: error: {message}", file=sys.stderr)
+    print(f"{_prog()}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def _prog() -> str:
+    """The command as typed (mtl-run, mtl-affinity), for error lines."""
+    name = Path(sys.argv[0]).name
+    return name if name.startswith("mtl-") else "mtl-run"
 
 
 def _options(group: str) -> list[str]:
@@ -54,7 +60,7 @@ def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [job for batch in batches for job in batch]
 
 
-def _explain(exc: Exception, overrides: list[str]) -> str:
+def _explain(exc: Exception, overrides: list[str], config_name: str = "config") -> str:
     """One line for a composition error: which key, what is allowed."""
     if isinstance(exc, MissingConfigException):
         missing = getattr(exc, "missing_cfg_file", None) or ""
@@ -72,7 +78,7 @@ def _explain(exc: Exception, overrides: list[str]) -> str:
         parent, _, _ = key.rpartition(".")
         rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
         try:
-            base = compose("config", overrides=rest)
+            base = compose(config_name, overrides=rest)
             node = OmegaConf.select(base, parent) if parent else base
             allowed = ", ".join(str(k) for k in node.keys() if not str(k).startswith("_")) if isinstance(node, DictConfig) else ""
         except Exception:
@@ -96,9 +102,10 @@ def _sweep_naming(overrides: list[str]) -> list[str]:
     return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]"]
 
 
-def preflight(argv: list[str]) -> list[str]:
+def preflight(argv: list[str], config_name: str = "config") -> list[str]:
     """Compose and validate every job before Hydra starts; exit 2 with one line on error.
-    Returns extra Hydra overrides to append (job naming for sweeps)."""
+    Returns extra Hydra overrides to append (job naming for sweeps). ``config_name``: the
+    primary config of the command (``mtl_affinity`` for mtl-affinity)."""
     if any(a.split("=", 1)[0] in INFO_FLAGS for a in argv):
         return []
     from hydra._internal.utils import get_args_parser
@@ -112,9 +119,9 @@ def preflight(argv: list[str]) -> list[str]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for job in jobs:
             try:
-                cfg = compose("config", overrides=job)
+                cfg = compose(config_name, overrides=job)
             except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as exc:
-                fail(_explain(exc, job))
+                fail(_explain(exc, job, config_name))
             try:
                 validate(cfg)
             except ConfigError as exc:

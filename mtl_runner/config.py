@@ -36,6 +36,7 @@ RUNTIME_ARGS: dict[str, frozenset[str]] = {
     "backbone": frozenset({"input_shape"}),
     "sharing": frozenset({"backbone", "tasks", "input_shape"}),
     "optimizer": frozenset({"params"}),
+    "aux": frozenset({"taskset"}),
 }
 
 
@@ -98,6 +99,19 @@ class BaselineConfig:
 
 
 @dataclass
+class AffinityConfig:
+    """Types of ``affinity.*`` (``mtl-affinity`` only, see :mod:`mtl_runner.affinity`);
+    values in ``conf/affinity/default.yaml``."""
+
+    steps: int = MISSING
+    every_n_steps: int = MISSING
+    lookahead_lr: Optional[float] = None
+    k: int = MISSING
+    measures: list[str] = field(default_factory=list)
+    cka_examples: int = MISSING
+
+
+@dataclass
 class RunConfig:
     dataset: Any = None
     backbone: Any = None
@@ -110,7 +124,15 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     resume: Optional[str] = None
+    #: ``+aux=rotation``: wraps the dataset with an auxiliary task (``_target_`` node).
+    aux: Any = None
+    #: Only ``mtl-affinity`` composes this node.
+    affinity: Optional[AffinityConfig] = None
     init_from: Optional[str] = None
+
+
+#: ``affinity.measures`` a user may choose (one module each in ``mtl_runner/affinity/``).
+AFFINITY_MEASURES = ("gradient", "lookahead", "cka")
 
 
 #: (key, predicate, what is allowed) for values whose type alone does not say enough.
@@ -138,6 +160,12 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("finetune.freeze_stages", lambda v: v >= 0, "an integer >= 0 (0: nothing frozen)"),
     ("finetune.unfreeze_every", lambda v: v >= 0, "an integer >= 0 (0: frozen stages stay frozen)"),
     ("finetune.lr_decay", lambda v: 0 < v <= 1, "a float in (0, 1] (1: the same rate everywhere)"),
+    ("affinity.steps", lambda v: v >= 1, "an integer >= 1"),
+    ("affinity.every_n_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("affinity.lookahead_lr", lambda v: v > 0, "null (the optimizer's lr) or a float > 0"),
+    ("affinity.k", lambda v: v >= 1, "an integer >= 1 (number of shared encoders)"),
+    ("affinity.measures", lambda v: len(v) > 0 and set(v) <= set(AFFINITY_MEASURES), f"a non-empty list of {', '.join(AFFINITY_MEASURES)}"),
+    ("affinity.cka_examples", lambda v: v >= 2, "an integer >= 2"),
     ("init_from", lambda v: _checkpoint_file(v) is not None, "a checkpoint .pt file or a run directory with checkpoints/last.pt"),
 ]
 
@@ -159,6 +187,8 @@ def validate(cfg: DictConfig) -> None:
         if node is None:
             raise ConfigError(f"{group}: no option selected; choose one with {group}=NAME")
         validate_target_node(node, group)
+    if cfg.get("aux") is not None:
+        validate_target_node(cfg.aux, "aux")
     for key, ok, allowed in VALUE_RULES:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:

@@ -68,6 +68,11 @@ class RunLogger:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
 
+    def figure(self, tag: str, figure: Any, step: int = 0) -> None:
+        """A matplotlib figure as an image (IMAGES tab); the figure is left open."""
+        if self.writer is not None:
+            self.writer.add_figure(tag, figure, step, close=False)
+
     def custom_scalars(self, layout: dict[str, Any]) -> None:
         if self.writer is not None:
             self.writer.add_custom_scalars(layout)

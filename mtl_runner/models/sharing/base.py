@@ -76,9 +76,21 @@ class SharingModel(nn.Module):
 
     def predict(self, inputs: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
         """``forward(inputs)`` for one input batch; for a dict ``{task: inputs}`` (multi-input
-        datasets) each task's prediction on its own inputs."""
+        datasets) each task's prediction on its own inputs. Tasks handed the same tensor
+        object (the main tasks of an auxiliary-task wrapper) share one forward."""
         if isinstance(inputs, dict):
-            return {name: self.forward_task(inputs[name], name) for name in self.task_names}
+            out: dict[str, Tensor] = {}
+            for name in self.task_names:
+                if name in out:
+                    continue
+                x = inputs[name]
+                together = [other for other in self.task_names if inputs[other] is x]
+                if len(together) == 1:
+                    out[name] = self.forward_task(x, name)
+                else:
+                    everything = self(x)
+                    out.update({other: everything[other] for other in together})
+            return {name: out[name] for name in self.task_names}
         return self(inputs)
 
     def parameter_counts(self) -> dict[str, Any]:
