@@ -56,7 +56,8 @@ def _rows(results: dict[str, Any]) -> list[list[str]]:
     rows = []
     for task, entry in results["tasks"].items():
         for metric, v in entry["metrics"].items():
-            row = [task, metric, "↑" if v["higher_is_better"] else "↓", _fmt(v["mtl"]), _fmt(v["trivial"])]
+            label = f"{task} (aux)" if entry.get("auxiliary") else task
+            row = [label, metric, "↑" if v["higher_is_better"] else "↓", _fmt(v["mtl"]), _fmt(v["trivial"])]
             if "stl" in v:
                 delta = v.get("delta_pct")
                 row += [_fmt(v["stl"]), "-" if delta is None else f"{delta:+.2f}"]
@@ -117,10 +118,12 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
 
 
 def final_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """Flat ``test/<task>/<metric>`` values (and Δm when present) for TensorBoard's HPARAMS tab."""
+    """Flat ``test/<task>/<metric>`` values of the main tasks (and Δm when present) for
+    TensorBoard's HPARAMS tab; auxiliary tasks are not what a run is judged by."""
     flat = {
         f"hparam/test/{task}/{metric}": float(v["mtl"])
         for task, entry in results["tasks"].items()
+        if not entry.get("auxiliary", False)
         for metric, v in entry["metrics"].items()
     }
     if results.get("delta_m_pct") is not None:
