@@ -109,6 +109,7 @@ class AffinityConfig:
     k: int = MISSING
     measures: list[str] = field(default_factory=list)
     cka_examples: int = MISSING
+    transfer: bool = MISSING
 
 
 @dataclass

@@ -8,17 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from rich.console import Console
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtl_runner import build
+from mtl_runner.affinity.command import run_affinity
 from mtl_runner.affinity.transfer import transfer_affinity, transfer_gain_pct
+from mtl_runner.cli import CONF_DIR
+from mtl_runner.config import validate
 from mtl_runner.tasks import Task
 from tests.conftest import compose_config
 
 #: dataset=controlled, small enough for a few seconds per matrix.
 CONTROLLED = [
     "dataset=controlled", "backbone=mlp", "backbone.hidden=[64,64]", "dataset.d=32", "dataset.k=4",
-    "dataset.num_train=256", "dataset.num_val=64", "dataset.num_test=256",
+    "dataset.num_train=256", "dataset.num_val=32", "dataset.num_test=256",
     "trainer.epochs=2", "trainer.batch_size=32", "trainer.progress=off", "baseline=on",
 ]
 
@@ -64,3 +69,23 @@ def test_identical_tasks_transfer_more_than_orthogonal_ones(tmp_path: Path) -> N
     entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
     again = _matrix(tmp_path / "cache", alpha=1.0)
     assert torch.equal(again, identical) and sorted(p.name for p in (tmp_path / "cache").iterdir()) == entries
+
+
+def test_mtl_affinity_writes_the_transfer_matrix(tmp_path: Path) -> None:
+    overrides = [*CONTROLLED, "dataset.alpha=1.0", f"baseline.root={tmp_path / 'cache'}",
+                 "affinity.measures=[gradient]", "affinity.steps=4", "affinity.transfer=true"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("mtl_affinity", overrides=overrides)
+    validate(cfg)
+    out_dir = tmp_path / "affinity"
+    measures = run_affinity(cfg, out_dir, Console(quiet=True))["measures"]
+    assert set(measures) == {"gradient", "transfer"}
+    transfer = measures["transfer"]
+    assert transfer["tasks"] == ["t1", "t2"] and transfer["matrix"][0][1] > 0 and transfer["matrix"][1][0] > 0
+    assert transfer["grouping"]["groups"] == [["t1", "t2"]], "tasks that transfer to each other share an encoder"
+    assert json.loads((out_dir / "affinity.json").read_text())["measures"]["transfer"]["matrix"] == transfer["matrix"]
+    assert (out_dir / "heatmap_transfer.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert json.loads((out_dir / "transfer.json").read_text())["gain_pct"] == transfer["matrix"]
+    events = EventAccumulator(str(out_dir / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert "affinity/heatmap/transfer" in events.Tags()["images"]

@@ -8,7 +8,9 @@ Same Hydra config as ``mtl-run`` (``conf/mtl_affinity.yaml`` = ``config.yaml`` p
   during a short joint training run (``affinity.steps`` steps of the configured model,
   balancer, surgery and optimizer);
 - ``cka`` (:mod:`.cka`): linear CKA between the single-task baselines' representations
-  (baselines from :mod:`mtl_runner.baselines`, cached and shared with ``mtl-run``).
+  (baselines from :mod:`mtl_runner.baselines`, cached and shared with ``mtl-run``);
+- with ``affinity.transfer=true`` (:mod:`.transfer`): the transfer matrix, each task's
+  baseline fine-tuned on every other task vs that task from scratch.
 
 Then :func:`~mtl_runner.affinity.outputs.write_outputs` writes every matrix, its
 heatmap, dendrogram and recommended grouping into ``outputs/affinity/<date>_<time>/``.
@@ -35,6 +37,7 @@ from mtl_runner.affinity.cka import cka_matrix, held_out_inputs
 from mtl_runner.affinity.gradient import GradientAffinity
 from mtl_runner.affinity.lookahead import LookaheadAffinity
 from mtl_runner.affinity.outputs import AffinityMatrix, write_outputs
+from mtl_runner.affinity.transfer import transfer_affinity
 from mtl_runner.cli import CONF_DIR, fail, preflight
 from mtl_runner.config import ConfigError, validate
 from mtl_runner.data.base import TaskSet
@@ -137,6 +140,8 @@ def run_affinity(cfg: DictConfig, out_dir: Path, console: Console | None = None)
             matrices.update(joint_run(ctx, joint))
         if "cka" in measures:
             matrices.update(cka_measure(ctx))
+        if cfg.affinity.transfer:
+            matrices["transfer"] = AffinityMatrix(*transfer_affinity(cfg, taskset, out_dir, console))
         extra = {"wall_time_s": time.perf_counter() - started, "config": OmegaConf.to_container(cfg, resolve=True)}
         return write_outputs(out_dir, matrices, int(cfg.affinity.k), logger, extra, console)
     finally:

@@ -32,6 +32,7 @@ DESCRIPTIONS = {
     "gradient": "mean cosine of the task gradients on the shared parameters (symmetric)",
     "lookahead": "TAG lookahead affinity Z[i][j] = 1 - L_j(after a step on task i) / L_j(before), mean over steps",
     "cka": "linear CKA between the single-task baselines' representations of the same held-out inputs (symmetric)",
+    "transfer": "transfer gain % of target j fine-tuned from source i's single-task baseline vs j from scratch (same budget)",
 }
 
 
