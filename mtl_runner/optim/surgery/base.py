@@ -79,6 +79,6 @@ class GramianWeighting(Surgery):
         finite = torch.isfinite(jacobian).all(1, keepdim=True)
         jacobian = torch.where(finite, jacobian, torch.zeros_like(jacobian))
         gramian = jacobian @ jacobian.T
-        weights = self.weights(gramian, losses).to(jacobian.dtype)
+        weights = self.weights(gramian, losses).to(jacobian.dtype) * finite[:, 0]
         self.last_weights = weights
         return weights @ jacobian

@@ -20,4 +20,6 @@ class NoSurgery(GramianWeighting):
 
     def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
         self.last_weights = None
-        return jacobian.sum(0)
+        # Like every other method, a row with a non-finite entry is dropped.
+        finite = torch.isfinite(jacobian).all(1, keepdim=True)
+        return torch.where(finite, jacobian, torch.zeros_like(jacobian)).sum(0)

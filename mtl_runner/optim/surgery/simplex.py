@@ -15,8 +15,8 @@ fixed-shape tensor code:
   number of iterations (no data-dependent stopping, so no host synchronisation).
 
 Singular Gramians (identical or zero rows) are handled by a ridge of one unit of
-round-off relative to the trace, which keeps every system solvable and changes the
-result far below the dtype's precision.
+round-off of each diagonal entry, which keeps every system solvable and changes the
+result at the dtype's precision.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ FALLBACK_ITERATIONS = 500
 
 
 def ridge(gramian: Tensor) -> Tensor:
-    """``M + delta I`` with ``delta`` one unit of round-off of the mean diagonal (and a
-    floor for an all-zero Gramian), so that every principal sub-system is solvable."""
-    size = gramian.shape[-1]
+    """``M + diag(delta)``, ``delta_t`` one unit of round-off of ``M_tt`` (so the ridge is
+    invariant to rescaling a task's gradient), plus floors for zero rows and an all-zero
+    Gramian, so that every principal sub-system is solvable."""
     eps = torch.finfo(gramian.dtype).eps
-    delta = eps * gramian.diagonal(dim1=-2, dim2=-1).sum(-1) / size + eps
-    return gramian + delta[..., None, None] * torch.eye(size, dtype=gramian.dtype, device=gramian.device)
+    diagonal = gramian.diagonal(dim1=-2, dim2=-1)
+    delta = eps * diagonal + eps**2 * diagonal.mean(-1, keepdim=True) + torch.finfo(gramian.dtype).tiny ** 0.5
+    return gramian + torch.diag_embed(delta)
 
 
 def without_nonfinite(gramian: Tensor) -> tuple[Tensor, Tensor]:
