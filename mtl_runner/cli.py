@@ -128,7 +128,27 @@ def preflight(argv: list[str], config_name: str = "config") -> list[str]:
                 fail(str(exc))
             if cfg.resume:
                 extra = _resume_run_dir(str(cfg.resume), list(args.overrides), bool(args.multirun))
+            if cfg.trainer.strategy == "ddp":
+                extra += _ddp_overrides(cfg, [*job, *extra], bool(args.multirun))
     return extra + (_sweep_naming(list(args.overrides)) if args.multirun else [])
+
+
+def _ddp_overrides(cfg: DictConfig, overrides: list[str], multirun: bool) -> list[str]:
+    """Every rank of a torchrun group runs mtl-run; they join the process group here and
+    agree on rank 0's run directory, and only rank 0's Hydra writes .hydra/ and the log."""
+    from mtl_runner.train import distributed
+
+    if multirun:
+        fail("trainer.strategy=ddp applies to a single run started by torchrun, not to a -m sweep")
+    try:
+        group = distributed.init_process_group(str(cfg.trainer.device))
+    except ConfigError as exc:
+        fail(str(exc))
+    extra = [] if group.is_main else ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    if any(o.startswith("hydra.run.dir=") for o in overrides):
+        return extra
+    run_dir = OmegaConf.select(compose("config", overrides=overrides, return_hydra_config=True), "hydra.run.dir")
+    return [*extra, f"hydra.run.dir={distributed.broadcast_run_dir(group, str(run_dir))}"]
 
 
 def _resume_run_dir(resume: str, overrides: list[str], multirun: bool) -> list[str]:
@@ -145,8 +165,11 @@ def _resume_run_dir(resume: str, overrides: list[str], multirun: bool) -> list[s
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """One job. Returns the run's ``objective`` to a sweeper (Optuna), ``None`` when the
+    job failed: the sweeper records a failed trial and the study goes on."""
     from mtl_runner.runner import run_experiment
+    from mtl_runner.sweep import apply_job_resources, objective_value
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -154,12 +177,14 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         validate(cfg)
         choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if v is not None}
-        run_experiment(cfg, run_dir, run_name=_run_name(hydra_cfg), choices=choices)
+        apply_job_resources(cfg, hydra_cfg.launcher, hydra_cfg.job.num if sweeping else 0)
+        out = run_experiment(cfg, run_dir, run_name=_run_name(hydra_cfg), choices=choices)
     except ConfigError as exc:
         if not sweeping:
             fail(str(exc))
         io.write_json(run_dir / "results.json", {"run_name": _run_name(hydra_cfg), "status": "failed", "error": str(exc)})
         print(f"mtl-run: job {run_dir.name} failed: {exc}", file=sys.stderr)
+        return None
     except Exception as exc:
         # run_experiment recorded status and traceback in the run dir. A failing sweep
         # job must not stop its siblings: SweepStatus reports failures at the end.
@@ -168,6 +193,14 @@ def _hydra_main(cfg: DictConfig) -> None:
             print(f"mtl-run: error: run failed: {message}", file=sys.stderr)
             raise SystemExit(1) from None
         print(f"mtl-run: job {run_dir.name} failed: {message}", file=sys.stderr)
+        return None
+    if not sweeping:
+        return None
+    try:
+        return objective_value(out, cfg.objective)
+    except ConfigError as exc:  # the run itself completed: its results.json stays
+        print(f"mtl-run: job {run_dir.name}: {exc}", file=sys.stderr)
+        return None
 
 
 class SweepStatus(Callback):

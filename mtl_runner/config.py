@@ -67,6 +67,9 @@ class TrainerConfig:
     precision: str = MISSING
     compile: bool = MISSING
     channels_last: str = MISSING
+    num_threads: Optional[int] = None
+    strategy: str = MISSING
+    sync_batchnorm: bool = MISSING
 
 
 @dataclass
@@ -130,6 +133,7 @@ class RunConfig:
     #: Only ``mtl-affinity`` composes this node.
     affinity: Optional[AffinityConfig] = None
     init_from: Optional[str] = None
+    objective: Optional[str] = None
 
 
 #: ``affinity.measures`` a user may choose (one module each in ``mtl_runner/affinity/``).
@@ -154,6 +158,9 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.grad_clip_norm", lambda v: v is None or v > 0, "null or a float > 0"),
     ("trainer.precision", lambda v: v in ("32", "bf16", "fp16"), "32, bf16 or fp16"),
     ("trainer.channels_last", lambda v: v in ("auto", "always", "never"), "auto (on CUDA for image inputs), always or never"),
+    ("trainer.num_threads", lambda v: v is None or v >= 1, "null (the launcher's share of the CPU cores) or an integer >= 1"),
+    ("trainer.strategy", lambda v: v in ("single", "ddp"), "single or ddp (under torchrun)"),
+    ("objective", lambda v: v is None or _objective_ok(v), "null, delta_m_pct, or tasks.<task>.metrics.<metric>.<mtl|delta_pct>, test_losses.<task>"),
     ("optimizer.lr", lambda v: v > 0, "a float > 0"),
     ("diagnostics.every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 turns diagnostics off)"),
     ("diagnostics.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
@@ -175,6 +182,12 @@ def _checkpoint_file(init_from: str) -> Any:
     from mtl_runner.train.finetune import checkpoint_file  # imports torch: only when init_from is set
 
     return checkpoint_file(init_from)
+
+
+def _objective_ok(objective: str) -> bool:
+    from mtl_runner.sweep import objective_pattern_ok
+
+    return objective_pattern_ok(objective)
 
 
 def register_schema() -> None:

@@ -15,6 +15,7 @@ from rich.console import Console
 from mtl_runner import baselines, build, io, results
 from mtl_runner.config import ConfigError
 from mtl_runner.diagnostics import ConflictDiagnostics, custom_scalars_layout
+from mtl_runner.train import distributed
 from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.reference import evaluate_trivial, fit_trivial
 from mtl_runner.train.sharing_diagnostics import SharingDiagnostics
@@ -102,29 +103,38 @@ def run_experiment(
 
 def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] | None) -> dict[str, Any]:
     started = time.perf_counter()
-    console = Console()
+    # Under trainer.strategy=ddp every rank trains; rank 0 alone writes and prints.
+    group = distributed.init_process_group(cfg.trainer.device) if cfg.trainer.strategy == "ddp" else None
+    main = group is None or group.is_main
+    console = Console(quiet=not main)
+    if cfg.trainer.num_threads is not None:
+        torch.set_num_threads(cfg.trainer.num_threads)
     checkpoint = load_resume_checkpoint(cfg, run_dir) if cfg.resume else None
     configure_determinism(cfg.trainer.deterministic)
     device = build.resolve_device(cfg.trainer.device)
+    if group is not None:
+        device = distributed.device_for(group, device)
     taskset = build.build_taskset(cfg)
     torch.manual_seed(cfg.trainer.seed)
     model = build.build_model(cfg, taskset)
+    if group is not None and cfg.trainer.sync_batchnorm:
+        model = distributed.sync_batchnorm(model, device)
     param_groups, finetune_callbacks = finetune.setup(model, cfg, console, run_dir, resuming=checkpoint is not None)
     balancer = build.build_balancer(cfg)
     surgery = build.build_surgery(cfg)
 
-    logger = RunLogger(run_dir / "tb", purge_step=checkpoint["state"]["step"] if checkpoint else None)
+    logger = RunLogger(run_dir / "tb" if main else None, purge_step=checkpoint["state"]["step"] if checkpoint else None)
     logger.custom_scalars(custom_scalars_layout())
     diagnostics = ConflictDiagnostics(
-        taskset.task_names, cfg.diagnostics.every_n_steps, cfg.diagnostics.warmup_steps, run_dir,
+        taskset.task_names, cfg.diagnostics.every_n_steps, cfg.diagnostics.warmup_steps, run_dir if main else None,
         space=surgery.space, histograms=cfg.diagnostics.histograms, console=console,
     )
     try:
         trainer = Trainer(
             model, taskset, balancer, surgery, build.optimizer_factory(cfg), settings_from(cfg), device,
-            logger=logger, checkpoint_dir=run_dir / "checkpoints", name=run_name,
+            logger=logger, checkpoint_dir=run_dir / "checkpoints" if main else None, name=run_name,
             callbacks=[diagnostics, SharingDiagnostics(), *finetune_callbacks], config=OmegaConf.to_container(cfg, resolve=True),
-            param_groups=param_groups,
+            param_groups=param_groups, distributed=group,
         )
     except ValueError as exc:  # incompatible choices found while wiring the run together
         logger.close()
@@ -153,6 +163,8 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
             "wall_time_s": time.perf_counter() - started,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
+        if not main:
+            return out
         if cfg.baseline.enabled:
             baselines.add_to_results(out, baselines.ensure_all(cfg, taskset, console))
         results.write(run_dir, out)

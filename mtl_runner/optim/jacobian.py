@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.base import Balancer
 from mtl_runner.optim.surgery.base import GramianWeighting, Surgery
+from mtl_runner.train.distributed import DataParallel
 
 Strategy = Literal["auto", "batched", "sequential"]
 AUTO_TRIALS = 2  # timed steps per candidate before auto settles
@@ -56,7 +57,11 @@ class GradientEngine:
         balancer: Balancer,
         surgery: Surgery,
         strategy: Strategy = "auto",
+        distributed: DataParallel | None = None,
     ) -> None:
+        """``distributed``: under ``trainer.strategy=ddp``, per-task rows, head gradients
+        and fast-path gradients are averaged over ranks before the balancer and the
+        surgery act (see :mod:`mtl_runner.train.distributed`)."""
         if strategy not in ("auto", "batched", "sequential"):
             raise ValueError(f"trainer.jacobian must be auto, batched or sequential, got {strategy!r}")
         self.model = model
@@ -68,6 +73,10 @@ class GradientEngine:
                 f"surgery.space=features needs a sharing strategy with one shared representation "
                 f"(sharing=hard); {type(model).__name__} has none: use surgery.space=params"
             )
+        if distributed is not None and self.features_space:
+            raise ValueError("surgery.space=features is not supported with trainer.strategy=ddp yet: use surgery.space=params")
+        self.distributed = distributed
+        self._observed: Tensor | None = None
         self.refresh_parameters()
         if not self.shared:
             _refuse_without_shared(model, balancer, surgery)
@@ -110,7 +119,13 @@ class GradientEngine:
 
     # ----------------------------------------------------------------- backward
     def backward(
-        self, losses: Tensor, weights: Tensor, *, need_jacobian: bool = False, loss_scale: float | None = None
+        self,
+        losses: Tensor,
+        weights: Tensor,
+        *,
+        need_jacobian: bool = False,
+        loss_scale: float | None = None,
+        observed: Tensor | None = None,
     ) -> StepGradients:
         """Fill ``.grad`` of the model's (and the balancer's) parameters for this step.
 
@@ -119,9 +134,11 @@ class GradientEngine:
         the fast path would give. ``loss_scale`` (fp16 training): the model's gradients
         are taken of the scaled losses, so half-precision activation gradients do not
         underflow, and divided by the scale as soon as they exist, so the balancer, the
-        surgery and ``.grad`` all see true gradients.
+        surgery and ``.grad`` all see true gradients. ``observed``: the loss values the
+        balancer and surgery read (under ddp the mean over ranks; default the losses).
         """
         self._loss_scale = loss_scale
+        self._observed = losses.detach() if observed is None else observed
         w = weights.detach()
         self._balancer_backward(losses, weights)
         extra = self.model.penalty()
@@ -133,8 +150,8 @@ class GradientEngine:
             return StepGradients(jacobian=losses.new_zeros((losses.shape[0], 0)) if wants_full else None)
         if not wants_full:
             if self.balancer.requires_grads == "last_shared":
-                rows = self._rows(losses, self.last_shared, with_heads=False)[0]
-                self.balancer.scale_rows(rows, losses.detach(), weights)
+                rows = self._global_rows(self._rows(losses, self.last_shared, with_heads=False))[0]
+                self.balancer.scale_rows(rows, self._observed, weights)
             self._plain_backward(losses, w, extra)
             return StepGradients()
         if self.features_space:
@@ -145,7 +162,7 @@ class GradientEngine:
         """Gradients of the balancer's own learnable parameters (uncertainty's s_t)."""
         if not self.balancer_params:
             return
-        objective = (weights * losses.detach()).sum()
+        objective = (weights * self._observed).sum()
         reg = self.balancer.regularizer()
         if reg is not None:
             objective = objective + reg
@@ -167,6 +184,8 @@ class GradientEngine:
             self._features = None
         if self._loss_scale is not None:
             self._unscale_grads(self.model.parameters())
+        if self.distributed is not None:
+            self.distributed.mean_grads_(self.model.parameters())
 
     def _unscale_grads(self, params: Any) -> None:
         grads = [p.grad for p in params if p.grad is not None]
@@ -174,9 +193,9 @@ class GradientEngine:
             torch._foreach_div_(grads, self._loss_scale)
 
     def _params_backward(self, losses: Tensor, weights: Tensor, extra: Tensor | None) -> StepGradients:
-        jacobian, head_grads = self._rows(losses, self.shared, with_heads=True)
+        jacobian, head_grads = self._global_rows(self._rows(losses, self.shared, with_heads=True))
         rows = self._scale(jacobian, losses, weights)
-        direction = self.surgery(rows, losses.detach())
+        direction = self.surgery(rows, self._observed)
         _assign(self.shared, direction)
         self._assign_heads(head_grads, weights.detach())
         if extra is not None:
@@ -192,11 +211,11 @@ class GradientEngine:
         rows = self._scale(jacobian, losses, weights)
         self._z = None
         if isinstance(self.surgery, GramianWeighting):
-            row_weights = self.surgery.weights(rows @ rows.T, losses.detach()).to(rows.dtype)
+            row_weights = self.surgery.weights(rows @ rows.T, self._observed).to(rows.dtype)
             self.surgery.last_weights = row_weights
             direction = row_weights @ rows
         else:  # unreachable: Surgery.__init__ rejects space=features for these
-            direction = self.surgery(rows, losses.detach())
+            direction = self.surgery(rows, self._observed)
         self._assign_heads(head_grads, weights.detach())
         if self._loss_scale is not None:
             direction = direction * self._loss_scale
@@ -207,13 +226,23 @@ class GradientEngine:
             extra.backward()
         return StepGradients(jacobian=jacobian, surgery_weights=self.surgery.last_weights)
 
+    def _global_rows(
+        self, result: tuple[Tensor, list[list[Tensor | None]]]
+    ) -> tuple[Tensor, list[list[Tensor | None]]]:
+        """Under ddp, the rows and head gradients of the combined batch (mean over ranks
+        of the share-scaled local ones), identical on every rank."""
+        if self.distributed is not None:
+            jacobian, head_grads = result
+            self.distributed.mean_([jacobian, *(g for grads in head_grads for g in grads if g is not None)])
+        return result
+
     def _scale(self, jacobian: Tensor, losses: Tensor, weights: Tensor) -> Tensor:
         """Rows as the surgery sees them; a "last_shared" balancer observes its layer's
         rows (a column subset of J, or in the features space a vector-Jacobian product
         of each representation row through the last stage only)."""
         requirement = self.balancer.requires_grads
         if requirement == "shared":
-            return self.balancer.scale_rows(jacobian, losses.detach(), weights)
+            return self.balancer.scale_rows(jacobian, self._observed, weights)
         if requirement == "last_shared":
             if self.features_space:
                 assert self._z is not None
@@ -225,7 +254,7 @@ class GradientEngine:
                 )
             else:
                 last_rows = jacobian[:, self._last_columns.to(jacobian.device)]
-            self.balancer.scale_rows(last_rows, losses.detach(), weights)
+            self.balancer.scale_rows(last_rows, self._observed, weights)
         return weights.detach().to(jacobian.dtype)[:, None] * jacobian
 
     def _assign_heads(self, head_grads: list[list[Tensor | None]], w: Tensor) -> None:

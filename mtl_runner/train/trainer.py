@@ -27,6 +27,7 @@ from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.base import Balancer
 from mtl_runner.optim.jacobian import GradientEngine, StepGradients
 from mtl_runner.optim.surgery.base import Surgery
+from mtl_runner.train.distributed import DataParallel
 from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.precision import PRECISIONS, LossScaler, autocast
 from mtl_runner.train.progress import Progress
@@ -129,14 +130,21 @@ class Trainer:
         name: str = "mtl",
         config: dict[str, Any] | None = None,
         param_groups: list[dict[str, Any]] | None = None,
+        distributed: DataParallel | None = None,
     ) -> None:
         """``config`` (the resolved run config) is stored in checkpoints, so a resume can
         check it continues the same experiment. ``param_groups`` replaces the default
         single group of trainable model parameters (fine-tuning: per-stage learning
-        rates, frozen stages that unfreeze later)."""
+        rates, frozen stages that unfreeze later). ``distributed``: this rank of a
+        ``trainer.strategy=ddp`` group; each step trains on its slice of the batch and
+        the engine averages per-task gradients over ranks."""
         if settings.precision not in PRECISIONS:
             raise ValueError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}")
         self.model = model.to(device)
+        self.distributed = distributed
+        if distributed is not None:
+            distributed.broadcast_module_(self.model)
+            distributed.check_batches(len(taskset.train), settings.batch_size, settings.eval_batch_size)
         # channels_last (NHWC) is what cuDNN's fastest convolution kernels want; on a CPU,
         # and for models without convolutions, it only adds layout conversions.
         self.channels_last = settings.channels_last == "always" or (
@@ -168,7 +176,7 @@ class Trainer:
                 f"surgery.space=features needs one representation shared by all tasks, but dataset={taskset.name} "
                 "gives each task its own inputs: use surgery.space=params"
             )
-        self.engine = GradientEngine(model, self.balancer, surgery, settings.jacobian)  # type: ignore[arg-type]
+        self.engine = GradientEngine(model, self.balancer, surgery, settings.jacobian, distributed)  # type: ignore[arg-type]
 
         groups: list[dict[str, Any]] = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
         balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
@@ -210,6 +218,10 @@ class Trainer:
     def train_step(self, batch: Batch) -> tuple[Tensor, Tensor, StepGradients, bool]:
         """One optimisation step; returns losses, weights, the engine's gradients and
         whether the step was applied (False when it was skipped as non-finite)."""
+        share = None
+        if self.distributed is not None:
+            batch, share = self.distributed.shard(batch, len(self.tasks))
+            share = share.to(self.device, non_blocking=True)
         inputs, targets = batch
         step = self.state.step
         self.model.train()
@@ -217,20 +229,24 @@ class Trainer:
         with autocast(self.device, self.settings.precision):
             outputs = self._forward(inputs)
             losses = self.compute_losses(outputs, targets).float()
-        weights = self.balancer.weights(losses)
+        if share is not None:
+            losses = losses * share
+        # Under ddp the balancer, the surgery and the logs read the combined batch's losses.
+        observed = losses.detach() if self.distributed is None else self.distributed.mean(losses)
+        weights = self.balancer.weights(observed)
         need_jacobian = any(cb.wants_jacobian(step) for cb in self.callbacks)
         loss_scale = self.scaler.scale if self.scaler is not None else None
-        grads = self.engine.backward(losses, weights, need_jacobian=need_jacobian, loss_scale=loss_scale)
-        applied = self._guard_nonfinite(step, losses)
+        grads = self.engine.backward(losses, weights, need_jacobian=need_jacobian, loss_scale=loss_scale, observed=observed)
+        applied = self._guard_nonfinite(step, observed)
         if applied:
             self.optimizer.step()
         self.scheduler.step()
         if applied:
-            self.balancer.after_step(lambda: self._recompute_losses(inputs, targets))
+            self.balancer.after_step(lambda: self._recompute_losses(inputs, targets, share))
             for cb in self.callbacks:
-                cb.on_step(self, step, losses.detach(), weights.detach(), grads)
+                cb.on_step(self, step, observed, weights.detach(), grads)
         self.state.step += 1
-        return losses.detach(), weights.detach(), grads, applied
+        return observed, weights.detach(), grads, applied
 
     def _guard_nonfinite(self, step: int, losses: Tensor) -> bool:
         """Check losses and gradients for NaN/inf (one host sync per step, as a GradScaler
@@ -263,8 +279,9 @@ class Trainer:
         return False
 
     @torch.no_grad()
-    def _recompute_losses(self, inputs: Any, targets: dict[str, Tensor]) -> Tensor:
-        return self.compute_losses(self.model.predict(inputs), targets)
+    def _recompute_losses(self, inputs: Any, targets: dict[str, Tensor], share: Tensor | None) -> Tensor:
+        losses = self.compute_losses(self.model.predict(inputs), targets)
+        return losses if self.distributed is None or share is None else self.distributed.mean(losses * share)
 
     def fit(self) -> FitState:
         settings = self.settings
@@ -344,16 +361,23 @@ class Trainer:
         for inputs, targets in split.batches(
             self.settings.eval_batch_size, shuffle=False, generator=None, device=self.device
         ):
+            if self.distributed is not None:
+                (inputs, targets), _ = self.distributed.shard((inputs, targets), len(self.tasks))
+                if all(len(t) == 0 for t in targets.values()):
+                    continue  # a last batch smaller than the number of ranks
             if self.channels_last and isinstance(inputs, Tensor) and inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.settings.precision):
                 outputs = {name: out.float() for name, out in self.model.predict(inputs).items()}
             # Per-task example counts: a multi-input batch holds a different number per task.
             n = torch.tensor([len(targets[t.name]) for t in self.tasks], dtype=torch.float64, device=self.device)
-            loss_sum += self.compute_losses(outputs, targets).double() * n
+            loss_sum += torch.where(n > 0, self.compute_losses(outputs, targets).double() * n, 0.0)
             count = count + n
             for task in self.tasks:
                 accumulators[task.name].update(outputs[task.name], targets[task.name])
+        if self.distributed is not None:
+            count = torch.zeros_like(loss_sum) + count
+            self.distributed.sum_([loss_sum, count, *self.distributed.statistics(accumulators.values())])
         losses = (loss_sum / torch.as_tensor(count, dtype=torch.float64, device=self.device).clamp_min(1)).tolist()
         return EvalResult(
             losses={t.name: v for t, v in zip(self.tasks, losses)},

@@ -1,0 +1,155 @@
+"""Scale-out: parallel sweeps through the joblib launcher, an Optuna search, and DDP that
+trains what one process trains on the combined batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+
+from mtl_runner import build
+from mtl_runner.config import ConfigError
+from mtl_runner.runner import settings_from
+from mtl_runner.sweep import objective_value
+from mtl_runner.train import distributed
+from mtl_runner.train.trainer import Trainer
+from tests.conftest import TINY, compose_config, run_cli
+
+#: A tiny vector problem without batch norm (BN statistics are per rank without
+#: SyncBatchNorm, which has no CPU kernel). 64 examples in batches of 15: every batch
+#: splits 8/7 over two ranks, and the last (4 examples) 2/2, so the per-rank loss shares matter.
+DDP_CONFIG = [
+    "dataset=controlled", "dataset.d=16", "dataset.k=4", "dataset.num_train=64", "dataset.num_val=16",
+    "dataset.num_test=30", "backbone=mlp", "backbone.hidden=[32,32]", "trainer.epochs=2",
+    "trainer.batch_size=15", "trainer.eval_batch_size=7", "trainer.progress=off", "trainer.jacobian=sequential",
+    "diagnostics=off", "baseline=off",
+]
+
+
+def _train(overrides: list[str], group: distributed.DataParallel | None) -> tuple[dict[str, torch.Tensor], dict]:
+    cfg = compose_config(overrides)
+    taskset = build.build_taskset(cfg)
+    torch.manual_seed(cfg.trainer.seed)
+    model = build.build_model(cfg, taskset)
+    trainer = Trainer(
+        model, taskset, build.build_balancer(cfg), build.build_surgery(cfg), build.optimizer_factory(cfg),
+        settings_from(cfg), torch.device("cpu"), distributed=group,
+    )
+    trainer.fit()
+    test = trainer.test()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, {"losses": test.losses, "metrics": test.metrics}
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, overrides: list[str], out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    group = distributed.init_process_group("cpu")
+    try:
+        params, test = _train([*overrides, "trainer.strategy=ddp"], group)
+        torch.save({"params": params, "test": test}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("choices", [
+    ["balancer=uniform", "surgery=none"],
+    ["balancer=uniform", "surgery=pcgrad"],
+    ["balancer=uncertainty", "surgery=cagrad"],
+], ids=["uniform", "pcgrad", "uncertainty+cagrad"])
+def test_ddp_matches_single_process_on_the_combined_batch(tmp_path: Path, choices: list[str]) -> None:
+    torch.set_num_threads(1)
+    overrides = [*DDP_CONFIG, *choices]
+    out = str(tmp_path / "ddp")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides, out), nprocs=2, join=True)
+    expected_params, expected_test = _train(overrides, None)
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    for result in ranks:
+        for name, value in expected_params.items():
+            torch.testing.assert_close(result["params"][name], value, atol=1e-5, rtol=1e-4, msg=name)
+        for task, loss in expected_test["losses"].items():
+            assert result["test"]["losses"][task] == pytest.approx(loss, rel=1e-4, abs=1e-6)
+        assert result["test"]["metrics"].keys() == expected_test["metrics"].keys()
+        for task, metrics in expected_test["metrics"].items():
+            for metric, value in metrics.items():
+                assert result["test"]["metrics"][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6)
+    # Training changed the model: matching parameters are not the untouched initialisation.
+    initial = compose_config(overrides)
+    torch.manual_seed(initial.trainer.seed)
+    untouched = build.build_model(initial, build.build_taskset(initial)).state_dict()
+    assert any(not torch.allclose(untouched[k], v) for k, v in expected_params.items())
+
+
+def test_ddp_outside_torchrun_is_a_one_line_error(tmp_path: Path) -> None:
+    result = run_cli([*TINY, "trainer.strategy=ddp"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "trainer.strategy=ddp runs under torchrun" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_joblib_sweep_runs_jobs_concurrently(tmp_path: Path) -> None:
+    result = run_cli(
+        ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *TINY, "trainer.epochs=3", "baseline=off",
+         "diagnostics=off", "optimizer.lr=0.001,0.002,0.003,0.004"],
+        cwd=tmp_path, timeout=400,
+    )
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p for p in next((tmp_path / "outputs" / "multirun").iterdir()).iterdir() if p.is_dir())
+    assert len(jobs) == 4
+    spans = []
+    for job in jobs:
+        results = json.loads((job / "results.json").read_text())
+        assert results["status"] == "completed"
+        # Each job took its share of the cores instead of all of them.
+        assert results["config"]["trainer"]["num_threads"] == max(1, (os.cpu_count() or 1) // 4)
+        spans.append(((job / ".hydra" / "config.yaml").stat().st_mtime, (job / "results.json").stat().st_mtime))
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1]]
+    assert overlapping, f"no two jobs ran at the same time: {spans}"
+
+
+def test_optuna_search_records_the_best_trial(tmp_path: Path) -> None:
+    result = run_cli(
+        ["-m", "hparams_search=cagrad_optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.direction=minimize",
+         "objective=test_losses.depth", *TINY, "baseline=off", "diagnostics=off"],
+        cwd=tmp_path, timeout=400,
+    )
+    assert result.returncode == 0, result.stderr
+    sweep = next((tmp_path / "outputs" / "multirun").iterdir())
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"surgery.c", "optimizer.lr"}
+    values = []
+    for job in (p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        results = json.loads((job / "results.json").read_text())
+        assert results["config"]["surgery"]["_target_"].endswith("CAGrad")
+        values.append(results["test_losses"]["depth"])
+    assert len(values) == 3
+    assert best["best_value"] == pytest.approx(min(values))
+
+
+def test_objective_names_what_results_offer() -> None:
+    results = {"delta_m_pct": 1.5, "tasks": {"seg": {"metrics": {"miou": {"mtl": 0.4, "delta_pct": None}}}}, "test_losses": {"seg": 0.7}}
+    assert objective_value(results, "delta_m_pct") == 1.5
+    assert objective_value(results, "tasks.seg.metrics.miou.mtl") == pytest.approx(0.4)
+    assert objective_value(results, None) is None
+    with pytest.raises(ConfigError, match="available: delta_m_pct, tasks.seg.metrics.miou.mtl, test_losses.seg"):
+        objective_value(results, "tasks.depth.metrics.abs_err.mtl")
+    with pytest.raises(ConfigError, match="objective"):
+        compose_and_validate(["objective=tasks.seg.miou"])
+
+
+def compose_and_validate(overrides: list[str]) -> None:
+    from mtl_runner.config import validate
+
+    validate(compose_config([*TINY, *overrides]))
