@@ -24,6 +24,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from mtl_runner import io
 from mtl_runner.config import ConfigError, register_schema, validate
+from mtl_runner.data.roots import DatasetRootError, check_dataset
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: Hydra flags after which mtl-run only prints something: nothing to validate.
@@ -103,7 +104,8 @@ def _sweep_naming(overrides: list[str]) -> list[str]:
 
 
 def preflight(argv: list[str], config_name: str = "config") -> list[str]:
-    """Compose and validate every job before Hydra starts; exit 2 with one line on error.
+    """Compose and validate every job, and check that its dataset's files are there,
+    before Hydra starts; exit 2 with one line on error.
     Returns extra Hydra overrides to append (job naming for sweeps). ``config_name``: the
     primary config of the command (``mtl_affinity`` for mtl-affinity)."""
     if any(a.split("=", 1)[0] in INFO_FLAGS for a in argv):
@@ -124,8 +126,9 @@ def preflight(argv: list[str], config_name: str = "config") -> list[str]:
                 fail(_explain(exc, job, config_name))
             try:
                 validate(cfg)
-            except ConfigError as exc:
-                fail(str(exc))
+                check_dataset(cfg.dataset)
+            except (ConfigError, DatasetRootError, ValueError) as exc:
+                fail(str(exc).splitlines()[0])
             if cfg.resume:
                 extra = _resume_run_dir(str(cfg.resume), list(args.overrides), bool(args.multirun))
             if cfg.trainer.strategy == "ddp":

@@ -1,0 +1,87 @@
+"""Datasets read from disk: where their files are, and a check that runs before anything.
+
+A dataset callable read from ``dataset.root`` carries a side-effect-free check,
+attached with :func:`root_check`. ``mtl-run`` calls it through :func:`check_dataset` in
+its preflight, after the config validated and before Hydra creates a run directory, so a
+missing or incomplete root fails in a second with one line naming the path, the files
+expected and where to get them, and nothing is written. The dataset callable runs the
+same check first when it builds (a Python caller gets the same message).
+
+A user's own dataset opts in the same way::
+
+    def check(root: str, **_: object) -> None: ...   # raise DatasetRootError
+
+    @root_check(check)
+    def my_dataset(root: str, ...) -> TaskSet: ...
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class DatasetRootError(FileNotFoundError):
+    """A dataset's files are missing or incomplete; the message is one line."""
+
+
+def expand_root(root: str) -> Path:
+    """``dataset.root`` with ``~`` and environment variables expanded."""
+    return Path(os.path.expandvars(os.path.expanduser(str(root))))
+
+
+def root_error(root: str | Path, name: str, problem: str, expected: str, obtain: str) -> DatasetRootError:
+    """The one-line error: path, what is wrong, the layout expected, where to get it."""
+    message = f"dataset.root={root}: {name} {problem}; expected {expected}; get it from {obtain}"
+    return DatasetRootError(" ".join(message.split()))
+
+
+def require_files(root: Path, relative: Iterable[str], name: str, expected: str, obtain: str) -> None:
+    """Raise :class:`DatasetRootError` naming the first of ``relative`` missing under ``root``."""
+    if not root.is_dir():
+        raise root_error(root, name, "not found (no such directory)", expected, obtain)
+    missing = [rel for rel in relative if not (root / rel).exists()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise root_error(root, name, f"is incomplete: missing {missing[0]}{more}", expected, obtain)
+
+
+def root_check(check: Callable[..., None]) -> Callable[[F], F]:
+    """Attach ``check`` (same keyword arguments as the dataset; raises
+    :class:`DatasetRootError`) to a dataset callable as its preflight check."""
+
+    def attach(fn: F) -> F:
+        fn.check_root = check  # type: ignore[attr-defined]
+        return fn
+
+    return attach
+
+
+def check_dataset(node: DictConfig | dict[str, Any]) -> None:
+    """Run the preflight check of a ``dataset`` config node's target, if it has one.
+
+    Only keys the check accepts are passed (all of them when it takes ``**kwargs``).
+    Raises :class:`DatasetRootError` (or ``ValueError`` for a bad value)."""
+    target_name = node["_target_"]
+    try:
+        target = get_object(str(target_name))
+    except Exception:  # validate() reports an unimportable target
+        return
+    check = getattr(target, "check_root", None)
+    if check is None:
+        return
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    assert isinstance(values, dict)
+    kwargs = {str(k): v for k, v in values.items() if not (str(k).startswith("_") and str(k).endswith("_"))}
+    params = inspect.signature(check).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    check(**kwargs)
