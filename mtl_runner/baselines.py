@@ -177,6 +177,8 @@ def _train(cfg: DictConfig, task_name: str, directory: Path, taskset: TaskSet | 
     bcfg = baseline_config(cfg)
     device = build.resolve_device(bcfg.trainer.device)
     full = taskset if taskset is not None else build.build_taskset(bcfg)
+    if task_name not in full.task_names:
+        raise ValueError(f"baseline of task {task_name!r}: dataset {full.name} has tasks {', '.join(full.task_names)}")
     single = full.only(task_name)
     torch.manual_seed(bcfg.trainer.seed)
     model = build.build_model(bcfg, single)

@@ -142,13 +142,22 @@ def _varying(rows: list[JobRow]) -> list[str]:
     return [k for k in keys if len({r.overrides.get(k) for r in rows}) > 1]
 
 
+def _is_number(value: str | None) -> bool:
+    try:
+        float(str(value))
+    except ValueError:
+        return False
+    return True
+
+
 def _task_header(task: str) -> str:
     return f"Δ{task} %"
 
 
 def build_table(rows: list[JobRow], sort: str = "delta_m") -> ReportTable:
     """Columns and sorted rows. ``sort``: ``delta_m`` (the default), ``job``, ``status``, an
-    override key or a task name; deltas sort best first, jobs without a value last."""
+    override key or a task name; deltas sort best first, override values in ascending
+    (numeric where they all are numbers) order, jobs without a value last."""
     keys = _varying(rows)
     tasks = list(dict.fromkeys(t for r in rows for t in r.task_deltas))
     table = ReportTable(["job", "status", *keys, *map(_task_header, tasks), DELTA_M], rows, keys, tasks)
@@ -156,13 +165,16 @@ def build_table(rows: list[JobRow], sort: str = "delta_m") -> ReportTable:
     if sort not in columns:
         raise ReportError(f"--sort {sort}: no such column; allowed: {', '.join(columns)}")
     index = table.headers.index(columns[sort])
-    numeric = columns[sort] == DELTA_M or sort in tasks
+    best_first = columns[sort] == DELTA_M or sort in tasks
+    numbers = sort in keys and all(_is_number(r.overrides.get(sort)) for r in rows if r.overrides.get(sort) is not None)
 
     def order(row: JobRow) -> tuple[int, Any]:
         value = table.values(row)[index]
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return (1, 0)
-        return (0, -value) if numeric else (0, str(value))
+        if best_first:
+            return (0, -value)
+        return (0, float(value)) if numbers else (0, str(value))
 
     table.rows = sorted(rows, key=order)
     table.sorted_by = columns[sort]
