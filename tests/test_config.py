@@ -11,7 +11,7 @@ from mtl_runner.cli import CONF_DIR
 from mtl_runner.config import ConfigError, validate
 from tests.conftest import compose_config, run_cli
 
-GROUPS = ["dataset", "backbone", "sharing", "balancer", "surgery", "optimizer", "trainer", "finetune"]
+GROUPS = ["dataset", "backbone", "sharing", "balancer", "surgery", "optimizer", "trainer", "finetune", "baseline"]
 
 
 def _all_options() -> list[tuple[str, str]]:
