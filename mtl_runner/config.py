@@ -55,6 +55,8 @@ class TrainerConfig:
     seed: int = MISSING
     lr_schedule: str = MISSING
     warmup_epochs: int = MISSING
+    lr_step_epochs: int = MISSING
+    lr_step_gamma: float = MISSING
     jacobian: str = MISSING
     log_every_n_steps: int = MISSING
     progress: str = MISSING
@@ -146,7 +148,9 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.device", lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
-    ("trainer.lr_schedule", lambda v: v in ("cosine", "constant"), "cosine or constant"),
+    ("trainer.lr_schedule", lambda v: v in ("cosine", "constant", "step"), "cosine, constant or step"),
+    ("trainer.lr_step_epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.lr_step_gamma", lambda v: 0 < v <= 1, "a float in (0, 1]"),
     ("trainer.warmup_epochs", lambda v: v >= 0, "an integer >= 0"),
     ("trainer.jacobian", lambda v: v in ("auto", "batched", "sequential"), "auto, batched or sequential"),
     ("trainer.log_every_n_steps", lambda v: v >= 1, "an integer >= 1"),

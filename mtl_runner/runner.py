@@ -28,6 +28,7 @@ def settings_from(cfg: DictConfig) -> TrainerSettings:
     return TrainerSettings(
         epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, seed=t.seed,
         lr_schedule=t.lr_schedule, warmup_epochs=t.warmup_epochs, jacobian=t.jacobian,
+        lr_step_epochs=t.lr_step_epochs, lr_step_gamma=t.lr_step_gamma,
         log_every_n_steps=t.log_every_n_steps, progress=t.progress,
         checkpoint_every_n_steps=t.checkpoint_every_n_steps, on_nonfinite=t.on_nonfinite,
         max_nonfinite_steps=t.max_nonfinite_steps, grad_clip_norm=t.grad_clip_norm,
@@ -37,7 +38,8 @@ def settings_from(cfg: DictConfig) -> TrainerSettings:
 
 #: Config sections that must match between a run and its resumption (epochs may grow).
 RESUME_MUST_MATCH = ("dataset", "backbone", "sharing", "balancer", "surgery", "optimizer", "trainer.seed",
-                     "trainer.batch_size", "trainer.lr_schedule", "trainer.warmup_epochs", "finetune")
+                     "trainer.batch_size", "trainer.lr_schedule", "trainer.warmup_epochs",
+                     "trainer.lr_step_epochs", "trainer.lr_step_gamma", "finetune")
 
 
 def load_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

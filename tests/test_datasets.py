@@ -288,3 +288,40 @@ def test_multimnist_download_without_network_is_one_line(tmp_path: Path, monkeyp
     cfg = compose_config(["dataset=multimnist", f"dataset.root={tmp_path}", "dataset.download=true"])
     with pytest.raises(ConfigError, match=r"could not be downloaded \(Error downloading.*get it from"):
         build_taskset(cfg)
+
+
+# ------------------------------------------------------------------------ experiment recipes
+@pytest.mark.parametrize("recipe", ["nyuv2_resnet50", "cityscapes", "celeba", "multimnist_lenet"])
+def test_experiment_recipes_compose_and_validate(recipe: str) -> None:
+    from mtl_runner.config import validate
+
+    cfg = compose_config([f"experiment={recipe}"])
+    validate(cfg)
+    if recipe == "nyuv2_resnet50":
+        assert cfg.dataset._target_.endswith("nyuv2") and cfg.backbone._target_.endswith("ResNetDilated")
+        assert cfg.backbone.weights == "IMAGENET1K_V1" and cfg.optimizer._target_ == "torch.optim.Adam"
+        assert (cfg.optimizer.lr, cfg.trainer.batch_size, cfg.trainer.epochs) == (1e-4, 8, 200)
+        assert (cfg.trainer.lr_schedule, cfg.trainer.lr_step_epochs, cfg.trainer.lr_step_gamma) == ("step", 100, 0.5)
+    # the command line still overrides a recipe
+    assert compose_config([f"experiment={recipe}", "trainer.epochs=3"]).trainer.epochs == 3
+
+
+def test_recipe_without_data_fails_in_preflight(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        preflight(["experiment=nyuv2_resnet50", f"dataset.root={tmp_path / 'nyu'}"])
+    assert "NYUv2 not found" in capsys.readouterr().err
+
+
+def test_step_schedule_halves_the_rate_every_n_epochs() -> None:
+    from mtl_runner.build import build_balancer, build_model, build_surgery, build_taskset, optimizer_factory
+    from mtl_runner.runner import settings_from
+    from mtl_runner.train.trainer import Trainer
+
+    cfg = compose_config(["dataset.num_train=8", "dataset.num_val=4", "dataset.num_test=4", "dataset.image_size=16",
+                          "backbone.channels=[4,4,4,4]", "trainer.batch_size=4", "trainer.epochs=6",
+                          "trainer.lr_schedule=step", "trainer.lr_step_epochs=2", "trainer.lr_step_gamma=0.5"])
+    taskset = build_taskset(cfg)
+    trainer = Trainer(build_model(cfg, taskset), taskset, build_balancer(cfg), build_surgery(cfg), optimizer_factory(cfg),
+                      settings_from(cfg), torch.device("cpu"))
+    factors = [trainer._lr_factor(step) for step in range(0, 12, 2)]  # 2 steps per epoch: one per epoch
+    assert factors == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]

@@ -72,6 +72,8 @@ class TrainerSettings:
     seed: int = 0
     lr_schedule: str = "cosine"
     warmup_epochs: int = 0
+    lr_step_epochs: int = 100
+    lr_step_gamma: float = 0.5
     jacobian: str = "auto"
     log_every_n_steps: int = 10
     progress: str = "auto"
@@ -205,6 +207,8 @@ class Trainer:
         return torch.stack([task.loss(outputs[task.name], targets[task.name]) for task in self.tasks])
 
     def _forward(self, inputs: Any) -> dict[str, Tensor]:
+        if self.settings.lr_schedule == "step":  # MTAN/LibMTL's StepLR, counted in epochs
+            return self.settings.lr_step_gamma ** (step // self.steps_per_epoch // self.settings.lr_step_epochs)
         """The training forward. Multi-input datasets (``inputs`` a dict task -> tensor)
         run each task's inputs through the model for that task only
         (:meth:`SharingModel.predict`); the engine's per-task gradients then come from
