@@ -50,29 +50,32 @@ def without_nonfinite(gramian: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(keep, gramian, torch.zeros_like(gramian)), finite
 
 
-@lru_cache(maxsize=32)
-def _supports_cpu(num_tasks: int) -> Tensor:
-    codes = torch.arange(1, 2**num_tasks)
-    return (codes[:, None] >> torch.arange(num_tasks)) & 1 == 1
+@lru_cache(maxsize=64)
+def supports(num_tasks: int, device: torch.device, with_empty: bool = False) -> Tensor:
+    """Every non-empty subset of the tasks (and the empty one first, if asked) as a
+    boolean mask, shape ``(2^T - 1, T)`` (or ``(2^T, T)``); cached, it is static."""
+    codes = torch.arange(0 if with_empty else 1, 2**num_tasks)
+    return ((codes[:, None] >> torch.arange(num_tasks)) & 1 == 1).to(device)
 
 
-def supports(num_tasks: int, device: torch.device) -> Tensor:
-    """Every non-empty subset of the tasks as a boolean mask, shape ``(2^T - 1, T)``."""
-    return _supports_cpu(num_tasks).to(device)
+@lru_cache(maxsize=64)
+def _system_masks(mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """For :func:`solve_on_support`: where a system takes ``M`` (both indices in ``S``),
+    and the identity entries off ``S``; cached per (static) support mask."""
+    inside = (mask[:, :, None] & mask[:, None, :]).to(dtype)
+    outside = torch.diag_embed((~mask).to(dtype))
+    return inside, outside
 
 
-def solve_on_support(gramian: Tensor, mask: Tensor, rhs: Tensor) -> Tensor:
-    """For each support ``S`` (rows of ``mask``), ``x`` with ``x_S = (M_SS)^-1 rhs_S`` and
-    ``x = 0`` off ``S``; ``rhs`` is ``(K, T, R)`` (or broadcastable). Non-finite where the
-    system is singular in floating point."""
-    m = ridge(gramian)
-    both = mask[:, :, None] & mask[:, None, :]
-    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-    systems = torch.where(both, m, eye)
-    rhs = torch.where(mask[:, :, None], rhs, torch.zeros_like(rhs))
+def solve_on_support(gramian: Tensor, mask: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+    """For each support ``S`` (rows of ``mask``, ``(K, T)``, from :func:`supports`): ``x``
+    with ``M_SS x_S = rhs_S`` and ``x = rhs`` off ``S`` (those rows of the system are the
+    identity), for ``rhs`` of shape ``(K, T, R)``; and whether the solve succeeded
+    (``(K,)``)."""
+    inside, outside = _system_masks(mask, gramian.dtype)
+    systems = torch.addcmul(outside, inside, ridge(gramian))
     solution, info = torch.linalg.solve_ex(systems, rhs)
-    bad = (info != 0)[:, None, None] | ~torch.isfinite(solution)
-    return torch.where(bad, torch.full_like(solution, float("nan")), solution)
+    return solution, info == 0
 
 
 def project_onto_simplex(v: Tensor) -> Tensor:
@@ -92,10 +95,10 @@ def _lipschitz(gramian: Tensor) -> Tensor:
     return torch.linalg.matrix_norm(gramian).clamp_min(torch.finfo(gramian.dtype).tiny ** 0.5)
 
 
-def _best(candidates: Tensor, objective: Tensor) -> Tensor:
-    """The candidate (row) with the lowest objective, ignoring non-finite objectives."""
-    objective = torch.where(torch.isfinite(objective), objective, torch.full_like(objective, float("inf")))
-    return candidates[objective.argmin()]
+def _best(candidates: Tensor, objective: Tensor, valid: Tensor) -> Tensor:
+    """The valid candidate (row) with the lowest finite objective."""
+    usable = valid & torch.isfinite(objective)
+    return candidates[torch.where(usable, objective, torch.inf).argmin()]
 
 
 # ------------------------------------------------------------------ min norm in the hull
@@ -106,23 +109,22 @@ def min_norm_weights(gramian: Tensor) -> Tensor:
     if num_tasks > MAX_EXACT_TASKS:
         return _min_norm_projected_gradient(gramian)
     mask = supports(num_tasks, gramian.device)
-    ones = torch.ones(mask.shape[0], num_tasks, 1, dtype=gramian.dtype, device=gramian.device)
-    z = solve_on_support(gramian, mask, ones)[..., 0]  # w_S proportional to (M_SS)^-1 1
-    candidates = _onto_simplex_face(z, mask)
+    ones = mask.to(gramian.dtype)[..., None]
+    z, solved = solve_on_support(gramian, mask, ones)  # w_S proportional to (M_SS)^-1 1
+    candidates, feasible = _onto_simplex_face(z[..., 0], mask)
     objective = ((candidates @ gramian) * candidates).sum(-1)
-    return _best(candidates, objective)
+    return _best(candidates, objective, solved & feasible)
 
 
-def _onto_simplex_face(x: Tensor, mask: Tensor) -> Tensor:
-    """Normalise candidate weights to sum 1; candidates with a clearly negative entry or
-    no positive mass are marked infeasible (NaN); round-off negatives are clipped."""
+def _onto_simplex_face(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Candidate weights normalised to sum 1 (round-off negatives clipped), and whether
+    each is feasible: no clearly negative entry, positive mass, finite."""
     total = x.sum(-1, keepdim=True)
     w = x / total
     tolerance = 1e3 * torch.finfo(x.dtype).eps
-    feasible = (w >= -tolerance).all(-1, keepdim=True) & (total > 0) & torch.isfinite(w).all(-1, keepdim=True)
+    feasible = (w >= -tolerance).all(-1) & (total[:, 0] > 0) & torch.isfinite(w).all(-1)
     w = w.clamp_min(0) * mask
-    w = w / w.sum(-1, keepdim=True)
-    return torch.where(feasible, w, torch.full_like(w, float("nan")))
+    return w / w.sum(-1, keepdim=True), feasible
 
 
 def _min_norm_projected_gradient(gramian: Tensor) -> Tensor:
@@ -146,21 +148,18 @@ def dual_cone_weights(gramian: Tensor, lower: Tensor) -> Tensor:
     num_tasks = gramian.shape[0]
     if num_tasks > MAX_EXACT_TASKS:
         return _dual_cone_projected_gradient(gramian, lower)
-    free = supports(num_tasks, gramian.device)
-    free = torch.cat([torch.zeros_like(free[:1]), free])  # also: every bound active, v = u
-    # On the free set F: M_FF v_F = -M_FA u_A; elsewhere v = u.
-    pinned = torch.where(free[:, None, :], torch.zeros_like(lower)[None], lower[None])  # (K, R, T)
-    rhs = -(pinned @ gramian).transpose(1, 2)  # (K, T, R)
-    v_free = solve_on_support(gramian, free, rhs).transpose(1, 2)  # (K, R, T)
-    candidates = torch.where(free[:, None, :], v_free, pinned)
+    free = supports(num_tasks, gramian.device, with_empty=True)  # empty: every bound active
+    # On the free set F: M_FF v_F = -M_FA u_A; elsewhere v = u (identity rows).
+    pinned = lower * ~free[:, None, :]  # (K, R, T)
+    rhs = torch.where(free[:, None, :], pinned @ -gramian, pinned).transpose(1, 2)  # M symmetric
+    candidates, solved = solve_on_support(gramian, free, rhs)
+    candidates = candidates.transpose(1, 2)  # (K, R, T)
     tolerance = 1e3 * torch.finfo(gramian.dtype).eps * (1 + lower.abs())
-    feasible = (candidates >= lower[None] - tolerance).all(-1, keepdim=True)
-    candidates = torch.maximum(candidates, lower[None])
-    candidates = torch.where(feasible, candidates, torch.full_like(candidates, float("nan")))
+    feasible = (candidates >= lower - tolerance).all(-1) & solved[:, None]
     objective = ((candidates @ gramian) * candidates).sum(-1)  # (K, R)
-    objective = torch.where(torch.isfinite(objective), objective, torch.full_like(objective, float("inf")))
-    best = objective.argmin(0)  # (R,)
-    return candidates[best, torch.arange(lower.shape[0], device=gramian.device)]
+    best = torch.where(feasible & torch.isfinite(objective), objective, torch.inf).argmin(0)  # (R,)
+    chosen = candidates[best, torch.arange(lower.shape[0], device=gramian.device)]
+    return torch.maximum(chosen, lower)
 
 
 def _dual_cone_projected_gradient(gramian: Tensor, lower: Tensor) -> Tensor:
@@ -190,19 +189,21 @@ def cagrad_weights(gramian: Tensor, radius: Tensor) -> Tensor:
     if num_tasks > MAX_EXACT_TASKS:
         return _cagrad_projected_gradient(gramian, toward_mean, radius)
     mask = supports(num_tasks, gramian.device)
-    rhs = torch.stack([torch.ones_like(mean), toward_mean], -1).expand(mask.shape[0], num_tasks, 2)
-    solved = solve_on_support(gramian, mask, rhs)
-    z, y = solved[..., 0], solved[..., 1]
+    rhs = torch.stack([torch.ones_like(mean), toward_mean], -1) * mask[..., None]
+    solution, solved = solve_on_support(gramian, mask, rhs)
+    z, y = solution[..., 0], solution[..., 1]
     s_z, s_y = z.sum(-1), y.sum(-1)
     q = (y * toward_mean).sum(-1)
     disc = s_y**2 - s_z * (q - radius**2)
     root = disc.clamp_min(0).sqrt()
     nu = (s_y + root) / s_z
-    stationary = torch.where((disc > 0)[:, None], (nu[:, None] * z - y) / root[:, None], torch.full_like(z, float("nan")))
-    candidates = torch.cat([_onto_simplex_face(stationary, mask), _onto_simplex_face(z, mask)])
+    stationary, feasible = _onto_simplex_face((nu[:, None] * z - y) / root[:, None], mask)
+    min_norm, min_norm_feasible = _onto_simplex_face(z, mask)
+    candidates = torch.cat([stationary, min_norm])
+    valid = torch.cat([feasible & (disc > 0) & solved, min_norm_feasible & solved])
     norms = ((candidates @ gramian) * candidates).sum(-1).clamp_min(0).sqrt()
     objective = candidates @ toward_mean + radius * norms
-    return _best(candidates, objective)
+    return _best(candidates, objective, valid)
 
 
 def _cagrad_projected_gradient(gramian: Tensor, toward_mean: Tensor, radius: Tensor) -> Tensor:
