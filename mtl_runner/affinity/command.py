@@ -52,12 +52,11 @@ JOINT_RUN_MEASURES = ("gradient", "lookahead")
 
 @dataclass
 class Context:
-    """What the measures share: the config, the dataset, the device, where to write."""
+    """What the measures share: the config, the dataset, the device, the log."""
 
     cfg: DictConfig
     taskset: TaskSet
     device: torch.device
-    out_dir: Path
     logger: RunLogger
     console: Console
 
@@ -90,7 +89,7 @@ def joint_run(ctx: Context, measures: list[str]) -> dict[str, AffinityMatrix]:
     while step < aff.steps:
         batches = trainer.taskset.train.batches(cfg.trainer.batch_size, shuffle=True, generator=trainer.data_generator, device=ctx.device)
         for batch in batches:
-            before = lookahead.snapshot() if lookahead is not None and lookahead.wants_jacobian(step) else None
+            before = lookahead.snapshot() if lookahead is not None and lookahead.measures_step(step) else None
             losses, _, grads, applied = trainer.train_step(batch)
             ctx.logger.scalars([f"loss/train/{n}" for n in names], losses, step)
             if before is not None and applied and grads.jacobian is not None:
@@ -129,10 +128,10 @@ def run_affinity(cfg: DictConfig, out_dir: Path, console: Console | None = None)
     out_dir.mkdir(parents=True, exist_ok=True)
     configure_determinism(cfg.trainer.deterministic)
     device = build.resolve_device(cfg.trainer.device)
-    taskset = build.build_taskset(cfg).on_device(device)
+    taskset = build.build_taskset(cfg)
     measures = list(cfg.affinity.measures)
     logger = RunLogger(out_dir / "tb")
-    ctx = Context(cfg, taskset, device, out_dir, logger, console)
+    ctx = Context(cfg, taskset, device, logger, console)
     try:
         matrices: dict[str, AffinityMatrix] = {}
         joint = [m for m in measures if m in JOINT_RUN_MEASURES]

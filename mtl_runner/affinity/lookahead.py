@@ -33,7 +33,7 @@ from torch.func import functional_call
 
 from mtl_runner.data.base import Batch
 from mtl_runner.models.sharing.base import SharingModel
-from mtl_runner.train.trainer import Callback, Trainer
+from mtl_runner.train.trainer import Trainer
 
 
 class _Predict(nn.Module):
@@ -48,7 +48,11 @@ class _Predict(nn.Module):
         return self.model.predict(inputs)
 
 
-class LookaheadAffinity(Callback):
+class LookaheadAffinity:
+    """Measures ``Z`` around the steps of ``trainer``: the caller takes a
+    :meth:`snapshot` before a measured step and hands it to :meth:`measure` after it,
+    with the step's Jacobian (the trainer's callbacks must ask for it on that step)."""
+
     def __init__(self, trainer: Trainer, lr: float, every_n_steps: int) -> None:
         self.trainer = trainer
         self.lr = lr
@@ -61,7 +65,7 @@ class LookaheadAffinity(Callback):
         self.total: Tensor | None = None
         self.steps = 0
 
-    def wants_jacobian(self, step: int) -> bool:
+    def measures_step(self, step: int) -> bool:
         return step % self.every_n_steps == 0
 
     def snapshot(self) -> dict[str, Tensor]:
