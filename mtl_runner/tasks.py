@@ -187,7 +187,10 @@ class _NormalsAccumulator:
         if count == 0:
             return {m.name: math.nan for m in METRICS["normals"]}
         cumulative = self.hist.cumsum(0)
-        median_bin = int(torch.searchsorted(cumulative, torch.tensor((count + 1) // 2, device=cumulative.device)))
+        # numpy's median (MTAN/LibMTL): the middle value, or the mean of the two middle
+        # values for an even count (the k-th smallest sits in the first bin reaching k)
+        ranks = torch.tensor([(count + 1) // 2, count // 2 + 1], device=cumulative.device)
+        median_bin = float(torch.searchsorted(cumulative, ranks).double().mean())
         return {
             "mean_angle": angle_sum / count,
             "median_angle": (median_bin + 0.5) * 180.0 / self.BINS,

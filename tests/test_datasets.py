@@ -55,7 +55,7 @@ def write_celeba(root: Path, partitions: tuple[int, ...] = (0, 0, 0, 0, 1, 1, 2,
 
 def write_dense(root: Path, targets: tuple[str, ...], classes: int, counts: dict[str, int] | None = None, size: int = 32) -> None:
     rng = np.random.default_rng(2)
-    for split, count in (counts or {"train": 6, "val": 4}).items():
+    for split, count in (counts or {"train": 5, "val": 2}).items():
         for i in range(count):
             folder = root / split
             for name in ("image", *targets):
@@ -232,6 +232,10 @@ def test_normal_angle_errors() -> None:
     assert m["mean_angle"] == pytest.approx(sum(angles) / 5, abs=1e-3)
     assert m["median_angle"] == pytest.approx(20.0, abs=0.01)
     assert (m["within_11.25"], m["within_22.5"], m["within_30"]) == pytest.approx((2 / 5, 3 / 5, 3 / 5))
+    even = torch.tensor([0.0, 10.0, 20.0, 40.0])
+    pred_even = torch.stack([torch.sin(torch.deg2rad(even)), torch.zeros(4), torch.cos(torch.deg2rad(even))]).view(1, 3, 1, 4)
+    target_even = torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(1, 3, 1, 4)
+    assert _metrics(task, [(pred_even, target_even)])["median_angle"] == pytest.approx(15.0, abs=0.01)  # as np.median
     expected_loss = sum(1 - math.cos(math.radians(a)) for a in angles) / 5
     assert float(task.loss(pred, target)) == pytest.approx(expected_loss, abs=1e-6)
 
