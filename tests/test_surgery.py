@@ -110,6 +110,11 @@ def test_projected_gradient_fallback_beyond_exact_size() -> None:
     assert (w @ gramian @ w) == pytest.approx((reference @ gramian @ reference).item(), rel=1e-4)
     d = UPGrad()(jacobian)
     assert torch.all(jacobian @ d >= -1e-6 * d.norm() * jacobian.norm(dim=1))
+    c = 0.4
+    d = CAGrad(c=c, rescale=0)(jacobian) / jacobian.shape[0]
+    g0 = jacobian.mean(0)
+    assert (d - g0).norm() <= c * g0.norm() * (1 + 1e-6)
+    assert (jacobian @ d).min() >= (jacobian @ g0).min()
 
 
 # ------------------------------------------------------------------------- pcgrad
