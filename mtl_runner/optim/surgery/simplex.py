@@ -207,9 +207,10 @@ def cagrad_weights(gramian: Tensor, radius: Tensor) -> Tensor:
 
 
 def _cagrad_projected_gradient(gramian: Tensor, toward_mean: Tensor, radius: Tensor) -> Tensor:
-    step = 1 / (2 * _lipschitz(gramian) * (1 + radius / toward_mean.norm().clamp_min(1e-30)))
-    w = torch.full_like(toward_mean, 1 / toward_mean.shape[0])
     floor = torch.finfo(gramian.dtype).tiny ** 0.5
+    mean_norm = toward_mean.mean().clamp_min(0).sqrt().clamp_min(floor)  # ||g0||, as b.M b = mean(M b)
+    step = 1 / (2 * _lipschitz(gramian) * (1 + radius / mean_norm))  # 1 + c: the norm term's weight
+    w = torch.full_like(toward_mean, 1 / toward_mean.shape[0])
     for _ in range(FALLBACK_ITERATIONS):
         norm = (w @ gramian @ w).clamp_min(0).sqrt().clamp_min(floor)
         w = project_onto_simplex(w - step * (toward_mean + radius * (gramian @ w) / norm))
