@@ -6,8 +6,10 @@ scale and shift, and the stage output ``h`` becomes ``(1 + gamma_j(e_t)) * h +
 beta_j(e_t)``. The generators start at zero, so training starts from the unmodulated
 network (hard sharing with all heads on one representation). Each task's head reads its
 own conditioned features: one forward per task (``forward_passes_per_input = T``). The
-``T`` forwards run as one batch of ``T x B`` examples; the first stage, which precedes
-any modulation, runs once.
+first stage, which precedes any modulation, runs once; the later stages run once per
+task. They are not batched as ``T x B`` examples: batch norm would then pool its
+statistics over all tasks' features, and each task's prediction would depend on the other
+tasks' embeddings (task-specific parameters reached by another task's loss).
 
 Difference from the paper: FiLM's conditioning is a question encoded by a GRU and its
 layers sit inside residual blocks (after batch norm, before the ReLU); here the
@@ -45,28 +47,24 @@ class FiLM(SharingModel):
             nn.init.zeros_(gen.bias)
         self.heads = nn.ModuleDict({t.name: self.encoder.make_head(t, input_shape) for t in tasks})
 
-    def _conditioned(self, x: Tensor, tasks: Sequence[str]) -> Tensor:
-        """Each listed task's final features, stacked ``(len(tasks), B, ...)``."""
-        emb = torch.stack([self.embeddings[t] for t in tasks])  # (T', d)
-        k = len(tasks)
-        h = self.encoder.stages[0](x)
-        batch = h.shape[0]
-        h = h.unsqueeze(0).expand(k, *h.shape).reshape(k * batch, *h.shape[1:])
-        for j, stage in enumerate(self.encoder.stages):
-            if j > 0:
-                h = stage(h)
-            gamma, beta = self.generators[j](emb).to(h.dtype).chunk(2, dim=-1)  # (T', C)
-            shape = (k, 1, gamma.shape[-1]) + (1,) * (h.dim() - 2)
-            h = h.reshape(k, batch, *h.shape[1:]) * (1 + gamma).view(shape) + beta.view(shape)
-            h = h.reshape(k * batch, *h.shape[2:])
-        return h.reshape(k, batch, *h.shape[1:])
+    def _modulate(self, h: Tensor, stage: int, task: str) -> Tensor:
+        gamma, beta = self.generators[stage](self.embeddings[task]).to(h.dtype).chunk(2)
+        shape = (1, gamma.shape[0]) + (1,) * (h.dim() - 2)
+        return h * (1 + gamma).view(shape) + beta.view(shape)
+
+    def _task_features(self, first: Tensor, task: str) -> Tensor:
+        """``task``'s final features from the (unmodulated) first stage's output."""
+        h = self._modulate(first, 0, task)
+        for j, stage in enumerate(self.encoder.stages[1:], start=1):
+            h = self._modulate(stage(h), j, task)
+        return h
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        features = self._conditioned(x, self.task_names)
-        return {name: self.heads[name](features[i]) for i, name in enumerate(self.task_names)}
+        first = self.encoder.stages[0](x)
+        return {name: self.heads[name](self._task_features(first, name)) for name in self.task_names}
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:
-        return self.heads[task](self._conditioned(x, [task])[0])
+        return self.heads[task](self._task_features(self.encoder.stages[0](x), task))
 
     @property
     def forward_passes_per_input(self) -> int:
