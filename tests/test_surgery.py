@@ -195,7 +195,7 @@ def test_cagrad_zero_c_is_the_sum(jacobian: Tensor) -> None:
 
 
 @pytest.mark.parametrize("jacobian", CASES, ids=range(len(CASES)))
-@pytest.mark.parametrize("c", [0.2, 0.4, 0.9])
+@pytest.mark.parametrize("c", [0.4, 0.9])
 def test_cagrad_maximises_the_worst_task_in_the_ball(jacobian: Tensor, c: float) -> None:
     """CAGrad's primal (Liu et al. 2021, eq. 3): d maximises min_t g_t . d over
     ||d - g0|| <= c ||g0||; compare with many points of that ball."""
@@ -204,8 +204,8 @@ def test_cagrad_maximises_the_worst_task_in_the_ball(jacobian: Tensor, c: float)
     g0 = jacobian.mean(0)
     radius = c * g0.norm()
     assert (d - g0).norm() <= radius * (1 + 1e-6) + 1e-12
-    directions = torch.randn(4000, jacobian.shape[1], generator=seeded(9), dtype=F64)
-    lengths = torch.rand(4000, 1, generator=seeded(10), dtype=F64) ** 0.2
+    directions = torch.randn(2000, jacobian.shape[1], generator=seeded(9), dtype=F64)
+    lengths = torch.rand(2000, 1, generator=seeded(10), dtype=F64) ** 0.2
     ball = g0 + radius * lengths * directions / directions.norm(dim=1, keepdim=True)
     best_sampled = (ball @ jacobian.T).min(1).values.max()
     worst = (jacobian @ d).min()
@@ -448,10 +448,8 @@ def test_no_host_sync_per_step(name: str, monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        (["surgery=cagrad", "surgery.c=1.5"], "surgery.c"),
-        (["surgery=mgda", "surgery.normalization=max"], "surgery.normalization"),
-        (["surgery=aligned_mtl", "surgery.scale_mode=mean"], "surgery.scale_mode"),
-        (["surgery=upgrad", "surgery.space=weights"], "surgery.space"),
+        (["surgery=cagrad", "surgery.c=1.5"], "surgery.c"),  # a range: the constructor's check
+        (["surgery=aligned_mtl", "surgery.scale_mode=mean"], "surgery.scale_mode"),  # a Literal: the schema's
     ],
 )
 def test_bad_options_are_config_errors(overrides: list[str], fragment: str) -> None:
