@@ -56,8 +56,9 @@ def test_resnet50_dilated_has_output_stride_8_and_aspp_dense_heads() -> None:
 @torch.no_grad()
 def test_lenet_matches_mgda_multimnist_shapes() -> None:
     net = LeNet((1, 28, 28)).eval()
-    assert _stage_shapes(net, torch.randn(3, 1, 28, 28)) == [(3, 10, 12, 12), (3, 20, 4, 4), (3, 50)]
-    assert net.make_head(DIGIT, (1, 28, 28)).eval()(torch.randn(3, 50)).shape == (3, 10)
+    assert _stage_shapes(net, torch.randn(3, 1, 28, 28)) == [(3, 10, 12, 12), (3, 20, 4, 4), (3, 50, 1, 1)]
+    assert net.make_head(DIGIT, (1, 28, 28)).eval()(torch.randn(3, 50, 1, 1)).shape == (3, 10)
+    assert sum(p.numel() for p in net.parameters()) == 260 + 5020 + 16050  # MGDA's conv1, conv2, fc(320 -> 50)
     with pytest.raises(ValueError, match="at least 16x16"):
         LeNet((1, 12, 12))
 
@@ -109,3 +110,23 @@ def test_pretrained_weights_without_network_is_one_clear_line(tmp_path, monkeypa
 def test_unknown_weights_name_lists_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match="backbone.weights='IMAGENET9K'.*allowed: null, IMAGENET1K_V1"):
         ResNet((3, 32, 32), arch="resnet50", weights="IMAGENET9K")
+
+
+@pytest.mark.parametrize(("backbone", "sharing"), [("lenet", "mtan"), ("lenet", "cross_stitch"), ("segnet", "cross_stitch"), ("segnet", "mtan")])
+def test_stages_serve_soft_sharing_strategies(backbone: str, sharing: str) -> None:
+    """MTAN attends to every stage's feature map; cross-stitch runs one column per task
+    stage by stage (each SegNet column un-pools with its own encoder's indices)."""
+    from mtl_runner.build import build_model, build_taskset
+
+    extra = ["backbone.width=2"] if backbone == "segnet" else []
+    cfg = compose_config([f"backbone={backbone}", f"sharing={sharing}", *extra, "dataset.num_train=4",
+                          "dataset.num_val=2", "dataset.num_test=2", "dataset.image_size=32"])
+    taskset = build_taskset(cfg)
+    if backbone == "lenet":  # image-level tasks only: keep the scenes' count task
+        taskset = taskset.only("count")
+    model = build_model(cfg, taskset).eval()
+    x, _ = next(taskset.train.batches(2, shuffle=False, generator=None, device=torch.device("cpu")))
+    with torch.no_grad():
+        out = model(x)
+    expected = {"seg": (2, 5, 32, 32), "depth": (2, 1, 32, 32), "count": (2, 4)}
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: expected[k] for k in taskset.task_names}

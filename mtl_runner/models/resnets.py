@@ -16,7 +16,6 @@ from torchvision import models
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from mtl_runner.models.backbones import Backbone
-from mtl_runner.models.heads import make_head
 from mtl_runner.tasks import Task
 
 RESNETS = {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50}
@@ -118,7 +117,11 @@ class LeNet(Backbone):
     """``backbone=lenet``: the shared encoder of MGDA's MultiMNIST model (Sener & Koltun
     2018): conv 5x5 (10) - max-pool - ReLU, conv 5x5 (20) - dropout - max-pool - ReLU,
     then a 50-unit fully connected layer with ReLU. Its heads are theirs too: 50-unit
-    layer, ReLU, dropout, linear classifier."""
+    layer, ReLU, dropout, linear classifier.
+
+    The fully connected layer is written as a convolution whose kernel covers the whole
+    feature map (the same map, output 1x1), so every stage is spatial and strategies that
+    treat stages as feature maps (MTAN's attention) apply to all three alike."""
 
     def __init__(self, input_shape: Sequence[int], hidden: int = 50, dropout: float = 0.5) -> None:
         super().__init__()
@@ -132,17 +135,19 @@ class LeNet(Backbone):
             [
                 nn.Sequential(nn.Conv2d(in_channels, 10, 5), nn.MaxPool2d(2), nn.ReLU()),
                 nn.Sequential(nn.Conv2d(10, 20, 5), nn.Dropout2d(dropout), nn.MaxPool2d(2), nn.ReLU()),
-                nn.Sequential(nn.Flatten(), nn.Linear(20 * side[0] * side[1], hidden), nn.ReLU()),
+                nn.Sequential(nn.Conv2d(20, hidden, (side[0], side[1])), nn.ReLU()),
             ]
         )
         self.stage_channels = (10, 20, hidden)
-        self.output_stride = None
+        self.output_stride = int(input_shape[1])  # the last stage is 1x1
 
     def make_head(self, task: Task, input_shape: Sequence[int]) -> nn.Module:
         if task.is_dense:
-            return make_head(task, self.out_channels, False, input_shape)  # raises: vector features
+            raise ValueError(f"task {task.name!r} is dense ({task.kind}); backbone=lenet ends in a 1x1 map, use a dense backbone (segnet, resnet50_dilated)")
         width = self.out_channels
-        return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(width, task.num_outputs))
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(width, width), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(width, task.num_outputs)
+        )
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
