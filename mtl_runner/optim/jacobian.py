@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.base import Balancer
-from mtl_runner.optim.surgery.base import GramianWeighting, Surgery
+from mtl_runner.optim.surgery.base import Surgery
 from mtl_runner.train.distributed import DataParallel
 
 Strategy = Literal["auto", "batched", "sequential"]
@@ -210,12 +210,9 @@ class GradientEngine:
         jacobian, head_grads = self._rows(losses, [z_leaf], with_heads=True)
         rows = self._scale(jacobian, losses, weights)
         self._z = None
-        if isinstance(self.surgery, GramianWeighting):
-            row_weights = self.surgery.weights(rows @ rows.T, self._observed).to(rows.dtype)
-            self.surgery.last_weights = row_weights
-            direction = row_weights @ rows
-        else:  # unreachable: Surgery.__init__ rejects space=features for these
-            direction = self.surgery(rows, self._observed)
+        # Surgery.__init__ admits space=features only for GramianWeighting methods, whose
+        # call is weights(rows @ rows.T) @ rows (dropping non-finite rows, setting last_weights).
+        direction = self.surgery(rows, self._observed)
         self._assign_heads(head_grads, weights.detach())
         if self._loss_scale is not None:
             direction = direction * self._loss_scale
