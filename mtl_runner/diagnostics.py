@@ -221,7 +221,8 @@ def custom_scalars_layout() -> dict[str, Any]:
     return {
         "multi-task": {
             "gradient cosines": ["Multiline", [r"cos/.*"]],
-            "task weights": ["Multiline", [r"weight/.*"]],
+            "task weights": ["Multiline", [r"^weight/.*"]],
+            "surgery weights": ["Multiline", [r"^surgery_weight/.*"]],
             "conflict fraction": ["Multiline", [r"conflict/.*"]],
             "gradient norms": ["Multiline", [r"grad_norm/.*"]],
             "train losses": ["Multiline", [r"loss/train/.*"]],
