@@ -329,3 +329,21 @@ def test_step_schedule_halves_the_rate_every_n_epochs() -> None:
                       settings_from(cfg), torch.device("cpu"))
     factors = [trainer._lr_factor(step) for step in range(0, 12, 2)]  # 2 steps per epoch: one per epoch
     assert factors == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "write", "fragment"),
+    [
+        (["dataset=multimnist", "dataset.num_val=24"], write_mnist, "dataset.num_val=24 must be >= 1 and below the 24"),
+        (["dataset=celeba", "dataset.attributes=[Smiling,Bald]"], write_celeba, "unknown attribute 'Bald'"),
+        (["dataset=nyuv2", "dataset.val_from_train=5"], lambda r: write_dense(r, ("label", "depth", "normal"), 13),
+         "dataset.val_from_train=5 must be >= 0 and below the 5"),
+    ],
+)
+def test_bad_dataset_values_fail_in_preflight(tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: list[str],
+                                              write: Any, fragment: str) -> None:
+    write(tmp_path)
+    with pytest.raises(SystemExit):
+        preflight([*overrides, f"dataset.root={tmp_path}"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], lines

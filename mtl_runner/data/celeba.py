@@ -63,11 +63,26 @@ def _read_partition(path: Path) -> dict[str, int]:
     return partition
 
 
-def check_celeba(root: str, **_: object) -> None:
-    """The two list files and the image folder exist, and the first and last listed
-    images are there (a partial extraction usually lacks the last ones)."""
+def _chosen(attributes: str | list[str], names: list[str], source: Path) -> list[str]:
+    if attributes == "all":
+        return list(names)
+    if isinstance(attributes, str) or not attributes:
+        raise ValueError(f"dataset.attributes={attributes!r}: use all or a list of names from {source}")
+    unknown = [a for a in attributes if a not in names]
+    if unknown:
+        raise ValueError(f"dataset.attributes: unknown attribute {unknown[0]!r}; allowed: all or names among {', '.join(names)}")
+    return list(dict.fromkeys(attributes))
+
+
+def check_celeba(root: str, attributes: str | list[str] = "all", **_: object) -> None:
+    """The two list files and the image folder exist, the first and last listed images
+    are there (a partial extraction usually lacks the last ones), and ``attributes``
+    names attributes of the file."""
     path = expand_root(root)
     require_files(path, FILES, "CelebA", EXPECTED, OBTAIN)
+    with open(path / FILES[0]) as f:
+        f.readline()
+        _chosen(attributes, f.readline().split(), path / FILES[0])
     listed = [line.split()[0] for line in (path / FILES[1]).read_text().splitlines() if line.split()]
     if not listed:
         raise root_error(path, "CelebA", f"is incomplete: {FILES[1]} lists no images", EXPECTED, OBTAIN)
@@ -97,18 +112,10 @@ def celeba(root: str = "~/data", attributes: str | list[str] = "all", image_size
     """CelebA from ``root`` (see the module docstring)."""
     if image_size < 8:
         raise ValueError(f"dataset.image_size must be >= 8, got {image_size}")
-    check_celeba(root)
+    check_celeba(root, attributes)
     path = expand_root(root)
     names, files, labels = _read_attributes(path / FILES[0])
-    if attributes == "all":
-        chosen = list(names)
-    elif isinstance(attributes, str) or not attributes:
-        raise ValueError(f"dataset.attributes={attributes!r}: use all or a list of names from {path / FILES[0]}")
-    else:
-        unknown = [a for a in attributes if a not in names]
-        if unknown:
-            raise ValueError(f"dataset.attributes: unknown attribute {unknown[0]!r}; allowed: all or names among {', '.join(names)}")
-        chosen = list(dict.fromkeys(attributes))
+    chosen = _chosen(attributes, names, path / FILES[0])
     columns = labels[:, [names.index(a) for a in chosen]]
     partition = _read_partition(path / FILES[1])
     unassigned = [f for f in files if f not in partition]

@@ -15,6 +15,7 @@ from mtl_runner.data.roots import root_check
 from mtl_runner.tasks import Task
 
 LAYOUT = DenseLayout(
+    option="cityscapes",
     name="Cityscapes",
     folders={"seg": ("label", "label_7"), "depth": ("depth",)},
     obtain="the preprocessed Cityscapes of MTAN (https://github.com/lorenmt/mtan, 'cityscapes.zip') or LibMTL's examples/cityscapes",
@@ -22,8 +23,8 @@ LAYOUT = DenseLayout(
 CLASSES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
 
 
-def check_cityscapes(root: str, **_: object) -> None:
-    check_dense(LAYOUT, root)
+def check_cityscapes(root: str, val_from_train: int = 0, **_: object) -> None:
+    check_dense(LAYOUT, root, val_from_train)
 
 
 @root_check(check_cityscapes)

@@ -35,7 +35,8 @@ FRACTIONS = (0.6, 0.2)  # train, val; the rest is test
 
 @dataclass(frozen=True)
 class DomainLayout:
-    name: str
+    name: str  # as people write it, in messages
+    option: str  # the dataset option (TaskSet.name)
     domains: tuple[str, ...]
     obtain: str
 
@@ -111,4 +112,4 @@ def build_domains(layout: DomainLayout, root: str, image_size: int, seed: int) -
             parts[split][domain] = (_load(chosen, image_size), torch.tensor([labels[i] for i in index.tolist()], dtype=torch.long))
     tasks = tuple(Task(domain, "classification", len(classes), class_names=classes) for domain in layout.domains)
     splits = [MultiInputSplit(parts[s], transform=_Normalise()) for s in ("train", "val", "test")]
-    return TaskSet(layout.name.lower().replace("-", ""), tasks, *splits, input_shape=(3, image_size, image_size), multi_input=True)
+    return TaskSet(layout.option, tasks, *splits, input_shape=(3, image_size, image_size), multi_input=True)

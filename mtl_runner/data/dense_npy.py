@@ -44,7 +44,8 @@ SCALES = (1.0, 1.2, 1.5)
 class DenseLayout:
     """What one benchmark stores: its name, tasks by folder, where to get it."""
 
-    name: str
+    name: str  # as people write it, in messages
+    option: str  # the dataset option (TaskSet.name)
     folders: dict[str, tuple[str, ...]]  # task name -> accepted folder names, first preferred
     obtain: str
 
@@ -60,8 +61,9 @@ def _folder(split_dir: Path, names: Sequence[str]) -> Path:
     return split_dir / names[0]
 
 
-def check_dense(layout: DenseLayout, root: str) -> None:
-    """Both split folders hold ``image`` and every task's folder, with the same files."""
+def check_dense(layout: DenseLayout, root: str, val_from_train: int = 0) -> None:
+    """Both split folders hold ``image`` and every task's folder, with the same files, and
+    ``val_from_train`` leaves training images."""
     path = expand_root(root)
     needed = [f"{split}/image/0.npy" for split in SPLIT_FOLDERS]
     needed += [f"{split}/{_folder(path / split, names).name}/0.npy" for split in SPLIT_FOLDERS for names in layout.folders.values()]
@@ -74,6 +76,9 @@ def check_dense(layout: DenseLayout, root: str) -> None:
             if missing:
                 problem = f"is incomplete: {count} images in {split}/image but {folder.relative_to(path)}/{missing[0]} is missing"
                 raise root_error(path, layout.name, problem, layout.expected(), layout.obtain)
+    train_count = len(list((path / "train" / "image").glob("*.npy")))
+    if not 0 <= val_from_train < train_count:
+        raise ValueError(f"dataset.val_from_train={val_from_train} must be >= 0 and below the {train_count} training images in {path / 'train'}")
 
 
 class DenseNpyDataset(Dataset):
@@ -144,7 +149,7 @@ def build_dense_npy(
     layout: DenseLayout, tasks: Sequence[Task], root: str, augment: bool, val_from_train: int
 ) -> TaskSet:
     """A :class:`TaskSet` over ``root`` (see the module docstring)."""
-    check_dense(layout, root)
+    check_dense(layout, root, val_from_train)
     path = expand_root(root)
 
     def dataset(split: str, augmented: bool) -> DenseNpyDataset:
@@ -153,12 +158,10 @@ def build_dense_npy(
 
     train_full, train_plain = dataset("train", augment), dataset("train", False)
     test = dataset("val", False)
-    if not 0 <= val_from_train < len(train_full):
-        raise ValueError(f"dataset.val_from_train={val_from_train} must be >= 0 and below the {len(train_full)} training images")
     cut = len(train_full) - val_from_train
     train: Dataset = Subset(train_full, range(cut)) if val_from_train else train_full
     val: Dataset = Subset(train_plain, range(cut, len(train_plain))) if val_from_train else test
     image = np.load(path / "train" / "image" / "0.npy", mmap_mode="r")
     input_shape = (int(image.shape[2]), int(image.shape[0]), int(image.shape[1]))
     splits = [LoaderSplit(d) for d in (train, val, test)]
-    return TaskSet(layout.name, tuple(tasks), *splits, input_shape=input_shape)
+    return TaskSet(layout.option, tuple(tasks), *splits, input_shape=input_shape)

@@ -58,8 +58,9 @@ def _find(raw: Path, name: str) -> Path | None:
     return None
 
 
-def check_multimnist(root: str, download: bool = False, **_: object) -> None:
-    """Preflight: the four MNIST files exist (raw or gzipped), unless they will be downloaded."""
+def check_multimnist(root: str, download: bool = False, num_val: int = 10000, **_: object) -> None:
+    """Preflight: the four MNIST files exist (raw or gzipped), unless they will be
+    downloaded, and ``num_val`` leaves training images (read from the IDX header)."""
     if download:
         return
     raw = raw_dir(root)
@@ -69,6 +70,24 @@ def check_multimnist(root: str, download: bool = False, **_: object) -> None:
         raise root_error(expand_root(root), "MNIST", "not found (no such directory)", EXPECTED, OBTAIN)
     if missing:
         require_files(expand_root(root), [f"MNIST/raw/{m}" for m in missing], "MNIST", EXPECTED, OBTAIN)
+    train_images = _find(raw, FILES["train"][0])
+    assert train_images is not None
+    _check_num_val(num_val, _idx_length(train_images))
+
+
+def _idx_length(path: Path) -> int:
+    """The first dimension of an IDX file, from its header alone."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        header = f.read(8)
+    if len(header) < 8 or header[:2] != b"\0\0" or header[3] < 1:
+        raise DatasetRootError(f"{path}: not an IDX file (bad magic number); re-download MNIST")
+    return int(struct.unpack(">I", header[4:8])[0])
+
+
+def _check_num_val(num_val: int, train_count: int) -> None:
+    if not 1 <= num_val < train_count:
+        raise ValueError(f"dataset.num_val={num_val} must be >= 1 and below the {train_count} MNIST training images")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -105,8 +124,8 @@ def load_mnist(root: str | Path, split: str) -> tuple[Tensor, Tensor]:
     image_name, label_name = FILES[split]
     image_path, label_path = _find(raw, image_name), _find(raw, label_name)
     if image_path is None or label_path is None:
-        check_multimnist(str(root))
-    assert image_path is not None and label_path is not None
+        require_files(expand_root(str(root)), [f"MNIST/raw/{image_name}", f"MNIST/raw/{label_name}"], "MNIST", EXPECTED, OBTAIN)
+    assert image_path is not None and label_path is not None  # require_files raised otherwise
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetRootError(
@@ -152,11 +171,10 @@ def multimnist(
     names = [n for pair in FILES.values() for n in pair]
     if download and any(_find(raw_dir(path), n) is None for n in names):
         _download(path)
-    check_multimnist(str(path))
+    check_multimnist(str(path), num_val=num_val)
     train_images, train_labels = load_mnist(path, "train")
     test_images, test_labels = load_mnist(path, "test")
-    if not 1 <= num_val < len(train_images):
-        raise ValueError(f"dataset.num_val={num_val} must be >= 1 and below the {len(train_images)} MNIST training images")
+    _check_num_val(num_val, len(train_images))
     cut = len(train_images) - num_val
     gen_device = torch.device(device)
     splits = []

@@ -19,6 +19,7 @@ from mtl_runner.data.roots import root_check
 from mtl_runner.tasks import Task
 
 LAYOUT = DenseLayout(
+    option="nyuv2",
     name="NYUv2",
     folders={"seg": ("label",), "depth": ("depth",), "normal": ("normal",)},
     obtain="the preprocessed NYUv2 of MTAN (https://github.com/lorenmt/mtan, 'nyuv2.zip') or LibMTL's examples/nyu",
@@ -26,8 +27,8 @@ LAYOUT = DenseLayout(
 CLASSES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "painting", "sofa", "table", "tv", "wall", "window")
 
 
-def check_nyuv2(root: str, **_: object) -> None:
-    check_dense(LAYOUT, root)
+def check_nyuv2(root: str, val_from_train: int = 0, **_: object) -> None:
+    check_dense(LAYOUT, root, val_from_train)
 
 
 @root_check(check_nyuv2)

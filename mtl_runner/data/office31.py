@@ -10,6 +10,7 @@ from mtl_runner.data.roots import root_check
 
 LAYOUT = DomainLayout(
     name="Office-31",
+    option="office31",
     domains=("amazon", "dslr", "webcam"),
     obtain="https://faculty.cc.gatech.edu/~judy/domainadapt/ (Office-31 'domain_adaptation_images')",
 )

@@ -10,6 +10,7 @@ from mtl_runner.data.roots import root_check
 
 LAYOUT = DomainLayout(
     name="Office-Home",
+    option="office_home",
     domains=("Art", "Clipart", "Product", "Real_World"),
     obtain="https://www.hemanthdv.org/officeHomeDataset.html (OfficeHomeDataset_10072016)",
 )
