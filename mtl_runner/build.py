@@ -45,7 +45,7 @@ def _instantiate(node: DictConfig, key: str, **runtime: Any) -> Any:
 
 def build_taskset(cfg: DictConfig) -> TaskSet:
     """The dataset, with the auxiliary task of ``+aux=...`` added when one is chosen."""
-    taskset = _instantiate(cfg.dataset, "dataset")
+    taskset = _instantiate(cfg.dataset, "dataset").with_num_workers(cfg.trainer.num_workers)
     if cfg.get("aux") is not None:
         taskset = _instantiate(cfg.aux, "aux", taskset=taskset)
     return taskset

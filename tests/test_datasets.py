@@ -347,3 +347,14 @@ def test_bad_dataset_values_fail_in_preflight(tmp_path: Path, capsys: pytest.Cap
         preflight([*overrides, f"dataset.root={tmp_path}"])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_trainer_num_workers_reaches_the_disk_loaders(tmp_path: Path) -> None:
+    from mtl_runner.build import build_taskset
+    from mtl_runner.data.base import default_num_workers
+
+    write_dense(tmp_path, ("label", "depth", "normal"), 13, counts={"train": 2, "val": 1})
+    chosen = build_taskset(compose_config(["dataset=nyuv2", f"dataset.root={tmp_path}", "trainer.num_workers=3"]))
+    default = build_taskset(compose_config(["dataset=nyuv2", f"dataset.root={tmp_path}"]))
+    assert [s.num_workers for s in (chosen.train, chosen.val, chosen.test)] == [3, 3, 3]  # type: ignore[attr-defined]
+    assert default.train.num_workers == default_num_workers()  # type: ignore[attr-defined]

@@ -152,6 +152,15 @@ class TaskSet:
         moved = [split.to(device) if any(split is m for m in movable) else split for split in (self.train, self.val, self.test)]
         return replace(self, train=moved[0], val=moved[1], test=moved[2])
 
+    def with_num_workers(self, num_workers: int | None) -> TaskSet:
+        """``trainer.num_workers`` given to the splits read from disk (``None`` keeps the
+        machine-sized default); in-memory splits have no workers."""
+        if num_workers is not None:
+            for split in (self.train, self.val, self.test):
+                if isinstance(split, LoaderSplit):
+                    split.num_workers = num_workers
+        return self
+
     def only(self, task_name: str) -> TaskSet:
         """The same data restricted to one task: the single-task baseline's dataset."""
         keep = tuple(t for t in self.tasks if t.name == task_name)
