@@ -103,7 +103,14 @@ def joint_run(ctx: Context, measures: list[str]) -> dict[str, AffinityMatrix]:
     if "gradient" in measures:
         out["gradient"] = AffinityMatrix(names, gradient.matrix())
     if lookahead is not None:
-        out["lookahead"] = AffinityMatrix(names, lookahead.matrix())
+        z = lookahead.matrix()
+        out["lookahead"] = AffinityMatrix(names, z)
+        overshoot = [name for name, own in zip(names, z.diagonal().tolist()) if own < 0]
+        if overshoot:
+            ctx.console.print(
+                f"[yellow]warning:[/yellow] a lookahead step on its own loss raised the loss of {', '.join(overshoot)}: "
+                f"affinity.lookahead_lr={lr:g} is too large for that loss scale; lower it for a meaningful lookahead affinity"
+            )
     return out
 
 

@@ -99,7 +99,7 @@ def write_outputs(
                 "task_scores": dict(zip(names, task_scores(matrix, grouping.groups))),
             },
         }
-        figures = {"heatmap": heatmap(matrix, names, f"{measure}: {DESCRIPTIONS.get(measure, '')[:60]}")}
+        figures = {"heatmap": heatmap(matrix, names, f"{measure} affinity (row: source, column: target)")}
         if len(names) > 1:
             figures["dendrogram"] = dendrogram_figure(matrix, names, f"{measure}: average linkage")
         for kind, fig in figures.items():
