@@ -41,6 +41,7 @@ from mtl_runner.affinity.transfer import transfer_affinity
 from mtl_runner.cli import CONF_DIR, fail, preflight
 from mtl_runner.config import ConfigError, validate
 from mtl_runner.data.base import TaskSet
+from mtl_runner.models.sharing.base import strategy_name
 from mtl_runner.runner import configure_determinism, settings_from
 from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.trainer import Trainer
@@ -79,7 +80,7 @@ def joint_run(ctx: Context, measures: list[str]) -> dict[str, AffinityMatrix]:
     except ValueError as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
     if not trainer.engine.shared:
-        raise ConfigError(f"mtl-affinity needs shared parameters; sharing={cfg.sharing._target_.rsplit('.', 1)[-1]} has none (use sharing=hard)")
+        raise ConfigError(f"mtl-affinity measures on shared parameters; sharing={strategy_name(model)} has none (use sharing=hard)")
     lr = float(aff.lookahead_lr if aff.lookahead_lr is not None else cfg.optimizer.lr)
     lookahead = LookaheadAffinity(trainer, lr, aff.every_n_steps) if "lookahead" in measures else None
     names = list(ctx.taskset.task_names)
