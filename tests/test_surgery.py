@@ -135,11 +135,9 @@ def test_pcgrad_leaves_agreeing_gradients_alone_and_follows_the_seed() -> None:
     g = random_jacobian(3, 10, seed=4).abs()  # all pairwise products positive
     assert torch.allclose(make("pcgrad", 3)(g), g.sum(0))
     conflicted = random_jacobian(5, 4, seed=5)
-    first, again, other = make("pcgrad", 5, 0)(conflicted), make("pcgrad", 5, 0)(conflicted), make("pcgrad", 5, 7)(conflicted)
-    assert torch.equal(first, again)
+    assert torch.equal(make("pcgrad", 5, 0)(conflicted), make("pcgrad", 5, 0)(conflicted))
     orders = {tuple(make("pcgrad", 5, s)._orders(5, torch.device("cpu"))[0].tolist()) for s in range(20)}
-    assert len(orders) > 1 and all(0 not in o for o in orders)
-    assert other.shape == first.shape
+    assert len(orders) > 1 and all(0 not in o and len(set(o)) == 4 for o in orders)
 
 
 def test_pcgrad_matches_a_direct_projection_loop() -> None:
