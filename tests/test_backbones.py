@@ -51,6 +51,10 @@ def test_resnet50_dilated_has_output_stride_8_and_aspp_dense_heads() -> None:
     assert isinstance(head, ASPPHead)
     assert head.eval()(torch.randn(2, 2048, 4, 4)).shape == (2, 13, 32, 32)
     assert not isinstance(net.make_head(DIGIT, (3, 32, 32)), ASPPHead)
+    head.train()  # a last training batch of one sample: the pooling branch has no batch statistics
+    with torch.enable_grad():
+        head(torch.randn(1, 2048, 4, 4)).sum().backward()
+    assert head.training and head.pooling_norm.training
 
 
 @torch.no_grad()

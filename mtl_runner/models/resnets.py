@@ -89,15 +89,29 @@ class ResNet(Backbone):
 class ASPPHead(nn.Module):
     """DeepLab-v3's head (ASPP with rates 12/24/36 and image pooling, 3x3 conv, 1x1
     classifier), up-sampled bilinearly to the input resolution: the dense-task decoder
-    of the NYUv2/Cityscapes protocol of LibMTL."""
+    of the NYUv2/Cityscapes protocol of LibMTL.
+
+    The image-pooling branch normalises one value per channel and sample, so a training
+    batch of a single sample (the last batch of an epoch can be one) has no batch
+    statistics: that branch then normalises with its running statistics instead."""
 
     def __init__(self, in_channels: int, out_channels: int, output_size: tuple[int, int]) -> None:
         super().__init__()
         self.body = DeepLabHead(in_channels, out_channels)
         self.output_size = output_size
+        pooling = self.body[0].convs[-1]  # ASPPPooling: avg-pool, conv 1x1, BN, ReLU
+        self.pooling_norm: nn.BatchNorm2d = next(m for m in pooling.modules() if isinstance(m, nn.BatchNorm2d))
 
     def forward(self, features: Tensor) -> Tensor:
-        return F.interpolate(self.body(features), size=self.output_size, mode="bilinear", align_corners=False)
+        if self.training and features.shape[0] == 1:
+            self.pooling_norm.eval()
+            try:
+                out = self.body(features)
+            finally:
+                self.pooling_norm.train()
+        else:
+            out = self.body(features)
+        return F.interpolate(out, size=self.output_size, mode="bilinear", align_corners=False)
 
 
 class ResNetDilated(ResNet):
