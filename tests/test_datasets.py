@@ -171,6 +171,20 @@ def test_multimnist_overlays_left_top_left_and_right_bottom_right(tmp_path: Path
     assert canvas[0, 0, 0] == 200 and canvas[0, 33, 33] == 100 and int(canvas[0].count_nonzero()) == 2
 
 
+def test_multimnist_is_deterministic_and_splits_mnist(tmp_path: Path) -> None:
+    from mtl_runner.build import build_taskset
+
+    write_mnist(tmp_path)
+    overrides = ["dataset=multimnist", f"dataset.root={tmp_path}", "dataset.num_val=8"]
+    first, again = build_taskset(compose_config(overrides)), build_taskset(compose_config(overrides))
+    other = build_taskset(compose_config([*overrides, "dataset.seed=1"]))
+    assert (len(first.train), len(first.val), len(first.test)) == (16, 8, 8)
+    assert torch.equal(first.train.inputs, again.train.inputs)  # type: ignore[attr-defined]
+    assert not torch.equal(first.train.inputs, other.train.inputs)  # type: ignore[attr-defined]
+    _, labels = load_mnist(tmp_path, "train")
+    assert torch.equal(first.train.targets["left"], labels[:16])  # type: ignore[attr-defined]
+
+
 def test_augmentation_scales_depth_and_keeps_shapes(tmp_path: Path) -> None:
     from mtl_runner.build import build_taskset
 

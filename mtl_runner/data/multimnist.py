@@ -66,9 +66,7 @@ def check_multimnist(root: str, download: bool = False, num_val: int = 10000, **
     raw = raw_dir(root)
     names = [n for pair in FILES.values() for n in pair]
     missing = [n for n in names if _find(raw, n) is None]
-    if not expand_root(root).is_dir():
-        raise root_error(expand_root(root), "MNIST", "not found (no such directory)", EXPECTED, OBTAIN)
-    if missing:
+    if missing:  # raises, naming the first missing file (or the missing root)
         require_files(expand_root(root), [f"MNIST/raw/{m}" for m in missing], "MNIST", EXPECTED, OBTAIN)
     train_images = _find(raw, FILES["train"][0])
     assert train_images is not None
@@ -174,15 +172,14 @@ def multimnist(
     check_multimnist(str(path), num_val=num_val)
     train_images, train_labels = load_mnist(path, "train")
     test_images, test_labels = load_mnist(path, "test")
-    _check_num_val(num_val, len(train_images))
     cut = len(train_images) - num_val
-    gen_device = torch.device(device)
+    target_device = torch.device(device)
     splits = []
     for offset, (images, labels) in enumerate(
         ((train_images[:cut], train_labels[:cut]), (train_images[cut:], train_labels[cut:]), (test_images, test_labels))
     ):
         generator = torch.Generator().manual_seed(seed * 3 + offset)
-        splits.append(_build(images, labels, generator, image_size, gen_device))
+        splits.append(_build(images, labels, generator, image_size, target_device))
     digits = tuple(str(d) for d in range(10))
     tasks = (
         Task("left", "classification", 10, class_names=digits),
