@@ -265,6 +265,9 @@ MISSING = [
     (["dataset=cityscapes"], lambda r: (write_dense(r, ("label", "depth"), 7, counts={"train": 3, "val": 1}),
                                         (r / "train" / "depth" / "2.npy").unlink()),
      ["Cityscapes", "train/depth/2.npy is missing", "mtan"]),
+    (["dataset=nyuv2"], lambda r: (write_dense(r, ("label", "depth", "normal"), 13, counts={"train": 4, "val": 1}),
+                                   (r / "train" / "image" / "1.npy").unlink()),
+     ["NYUv2", "3 files in train/image but train/image/1.npy is missing"]),
     (["dataset=office31"], lambda r: write_office(r, ("amazon", "webcam")), ["Office-31", "dslr/", "domainadapt"]),
 ]
 

@@ -62,19 +62,23 @@ def _folder(split_dir: Path, names: Sequence[str]) -> Path:
 
 
 def check_dense(layout: DenseLayout, root: str, val_from_train: int = 0) -> None:
-    """Both split folders hold ``image`` and every task's folder, with the same files, and
-    ``val_from_train`` leaves training images."""
+    """Both split folders hold ``image`` and every task's folder, each with the files
+    ``0.npy .. <n-1>.npy`` (n = the images found), and ``val_from_train`` leaves training
+    images."""
     path = expand_root(root)
     needed = [f"{split}/image/0.npy" for split in SPLIT_FOLDERS]
     needed += [f"{split}/{_folder(path / split, names).name}/0.npy" for split in SPLIT_FOLDERS for names in layout.folders.values()]
     require_files(path, needed, layout.name, layout.expected(), layout.obtain)
     for split in SPLIT_FOLDERS:
         count = len(list((path / split / "image").glob("*.npy")))
-        for names in layout.folders.values():
+        for names in (("image",), *layout.folders.values()):
             folder = _folder(path / split, names)
             missing = [f"{i}.npy" for i in range(count) if not (folder / f"{i}.npy").is_file()]
             if missing:
-                problem = f"is incomplete: {count} images in {split}/image but {folder.relative_to(path)}/{missing[0]} is missing"
+                problem = (
+                    f"is incomplete: {count} files in {split}/image but {folder.relative_to(path)}/{missing[0]} is missing "
+                    "(files are numbered 0 .. n-1)"
+                )
                 raise root_error(path, layout.name, problem, layout.expected(), layout.obtain)
     train_count = len(list((path / "train" / "image").glob("*.npy")))
     if not 0 <= val_from_train < train_count:
