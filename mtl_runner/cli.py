@@ -127,6 +127,7 @@ def preflight(argv: list[str], config_name: str = "config") -> list[str]:
             try:
                 validate(cfg)
                 check_dataset(cfg.dataset)
+                check_dataset(cfg.backbone)  # pretrained weights: fetched now, or one line
             except (ConfigError, DatasetRootError, ValueError) as exc:
                 fail(str(exc).splitlines()[0])
             if cfg.resume:

@@ -111,6 +111,23 @@ def test_pretrained_weights_without_network_is_one_clear_line(tmp_path, monkeypa
     assert "network access" in message and str(tmp_path) in message and "backbone.weights=null" in message
 
 
+def test_pretrained_weights_without_network_fail_in_preflight(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mtl_runner.cli import preflight
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        preflight(["backbone=resnet50_dilated", "backbone.weights=IMAGENET1K_V1"])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "backbone.weights=IMAGENET1K_V1: could not fetch resnet50" in lines[0], lines
+
+
 def test_unknown_weights_name_lists_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match="backbone.weights='IMAGENET9K'.*allowed: null, IMAGENET1K_V1"):
         ResNet((3, 32, 32), arch="resnet50", weights="IMAGENET9K")

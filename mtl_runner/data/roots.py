@@ -4,7 +4,9 @@ A dataset callable read from ``dataset.root`` carries a side-effect-free check,
 attached with :func:`root_check`. ``mtl-run`` calls it through :func:`check_dataset` in
 its preflight, after the config validated and before Hydra creates a run directory, so a
 missing or incomplete root fails in a second with one line naming the path, the files
-expected and where to get them, and nothing is written. The dataset callable runs the
+expected and where to get them, and nothing is written. Backbones with pretrained
+weights use the same hook (:mod:`mtl_runner.models.resnets`): the weights are fetched
+into the torch hub cache, or the run stops, before anything is written. The dataset callable runs the
 same check first when it builds (a Python caller gets the same message).
 
 A user's own dataset opts in the same way::
@@ -66,7 +68,8 @@ def root_check(check: Callable[..., None]) -> Callable[[F], F]:
 
 
 def check_dataset(node: DictConfig | dict[str, Any]) -> None:
-    """Run the preflight check of a ``dataset`` config node's target, if it has one.
+    """Run the preflight check of a config node's target (``dataset``, or ``backbone``
+    for its weights), if it has one.
 
     Only keys the check accepts are passed (all of them when it takes ``**kwargs``).
     Raises :class:`DatasetRootError` (or ``ValueError`` for a bad value)."""

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
+from mtl_runner.data.roots import root_check
 from mtl_runner.models.backbones import Backbone
 from mtl_runner.tasks import Task
 
@@ -48,6 +49,13 @@ def _pretrained_state(arch: str, weights: str) -> dict[str, Tensor]:
         ) from None
 
 
+def check_weights(arch: str = "resnet50", weights: str | None = None, **_: object) -> None:
+    """Preflight: pretrained weights are in the torch hub cache, or can be fetched now."""
+    if weights is not None and arch in RESNETS:
+        _pretrained_state(arch, weights)
+
+
+@root_check(check_weights)
 class ResNet(Backbone):
     """``backbone=resnet18|resnet34|resnet50``: torchvision's ResNet without its classifier.
 
@@ -114,6 +122,7 @@ class ASPPHead(nn.Module):
         return F.interpolate(out, size=self.output_size, mode="bilinear", align_corners=False)
 
 
+@root_check(check_weights)
 class ResNetDilated(ResNet):
     """``backbone=resnet50_dilated``: ResNet-50 with ``layer3``/``layer4`` dilated (output
     stride 8) and an ASPP head per dense task; image-level tasks get the generic head."""
