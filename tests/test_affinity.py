@@ -16,7 +16,7 @@ from mtl_runner.affinity.cka import linear_cka
 from mtl_runner.affinity.command import run_affinity
 from mtl_runner.affinity.grouping import EXHAUSTIVE_MAX_TASKS, best_grouping, set_partitions
 from mtl_runner.config import validate
-from tests.conftest import TINY
+from tests.conftest import TINY, compose_config
 
 torch.set_num_threads(1)  # tiny models: threads only contend on a shared machine
 
@@ -164,3 +164,46 @@ def test_mtl_affinity_bad_option_is_a_one_line_error(tmp_path: Path) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "affinity.measures" in lines[0] and "lookahead" in lines[0], result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_lookahead_matches_a_step_on_a_copied_model() -> None:
+    """Z from the engine's Jacobian and functional_call equals the definition computed the
+    slow way: copy the model, step its shared parameters on task i, evaluate task j."""
+    import copy
+
+    from mtl_runner import build
+    from mtl_runner.affinity.gradient import GradientAffinity
+    from mtl_runner.affinity.lookahead import LookaheadAffinity
+    from mtl_runner.runner import settings_from
+    from mtl_runner.train.trainer import Trainer
+
+    cfg = compose_config([o for o in CONTROLLED if not o.startswith("affinity.")] + ["dataset.alpha=0.5"])
+    taskset = build.build_taskset(cfg)
+    torch.manual_seed(0)
+    model = build.build_model(cfg, taskset)
+    trainer = Trainer(model, taskset, build.build_balancer(cfg), build.build_surgery(cfg), build.optimizer_factory(cfg),
+                      settings_from(cfg), torch.device("cpu"), callbacks=[GradientAffinity(1)])
+    lookahead = LookaheadAffinity(trainer, lr=0.1, every_n_steps=1)
+    batch = next(iter(taskset.train.batches(32, shuffle=False, generator=None, device=torch.device("cpu"))))
+    before_model = copy.deepcopy(model)
+    before = lookahead.snapshot()
+    _, _, grads, _ = trainer.train_step(batch)
+    z = lookahead.measure(before, batch, grads.jacobian)
+
+    x, y = batch
+    def losses(m: torch.nn.Module) -> torch.Tensor:
+        out = m(x)
+        return torch.stack([t.loss(out[t.name], y[t.name]) for t in taskset.tasks]).double()
+
+    base = losses(before_model).detach()
+    expected = torch.zeros(2, 2, dtype=torch.float64)
+    for i in range(2):
+        shared = list(before_model.shared_parameters())
+        g = torch.autograd.grad(losses(before_model)[i], shared)
+        stepped = copy.deepcopy(before_model)
+        with torch.no_grad():
+            for p, gp in zip(stepped.shared_parameters(), g):
+                p -= 0.1 * gp
+            expected[i] = 1 - losses(stepped) / base
+    assert torch.allclose(z, expected, rtol=1e-4, atol=1e-6), (z, expected)
+    assert not torch.equal(expected[0], torch.zeros(2, dtype=torch.float64))
