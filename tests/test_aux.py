@@ -55,6 +55,19 @@ def test_rotation_wrapper_adds_an_auxiliary_task_and_consistent_batches() -> Non
     assert torch.equal(val[0], val[1]) and val[0].unique().numel() > 1
 
 
+def test_main_tasks_see_the_same_batches_with_and_without_the_aux_task() -> None:
+    base = _tiny_scenes()
+    wrapped = rotation(base)
+    cpu = torch.device("cpu")
+    gen_plain, gen_wrapped = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(2):  # two epochs: the data generator's stream is left untouched
+        plain = list(base.train.batches(8, shuffle=True, generator=gen_plain, device=cpu))
+        aux = list(wrapped.train.batches(8, shuffle=True, generator=gen_wrapped, device=cpu))
+        for (x, y), (xa, ya) in zip(plain, aux):
+            assert torch.equal(x, xa["seg"]) and torch.equal(y["count"], ya["count"])
+    assert torch.equal(gen_plain.get_state(), gen_wrapped.get_state())
+
+
 def test_rotation_refuses_non_image_datasets() -> None:
     from mtl_runner.data.controlled import controlled
 

@@ -11,15 +11,19 @@ original batch, the rotation task its rotated copy. Every main task receives the
 tensor object, so a strategy's forward on it runs once for all of them (see
 :meth:`SharingModel.predict`); the rotation task costs one more encoder pass per step.
 
-Rotations are drawn on the CPU from the generator the trainer passes (the run's seeded
-data generator), a whole epoch's worth before its first batch, so a seed gives the same
-rotations on every device and a resumed epoch replays them exactly. The rotated copy
-itself is computed on the training device. Validation and test copies use fixed
+Rotations are drawn on the CPU, a whole epoch's worth before its first batch, from a
+generator seeded by a hash of the state of the generator the trainer passes (the run's
+seeded data generator). Reading that state does not advance it, so the main tasks see
+exactly the batches they would see without ``+aux=rotation`` (a clean with/without
+comparison, and single-task baselines built from a wrapped dataset equal the cached
+ones), a seed gives the same rotations on every device, and a resumed epoch replays them
+exactly. The rotated copy itself is computed on the training device. Validation and test copies use fixed
 rotations (from ``seed``), so successive evaluations are comparable.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -69,7 +73,7 @@ class RotationSplit:
         self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None, device: torch.device
     ) -> Iterator[Batch]:
         if shuffle:
-            turns = torch.randint(NUM_ROTATIONS, (len(self.split),), generator=generator)
+            turns = torch.randint(NUM_ROTATIONS, (len(self.split),), generator=_derived(generator))
         else:
             turns = self.fixed_turns
         offset = 0
@@ -80,6 +84,14 @@ class RotationSplit:
             inputs = {task: x for task in self.main_tasks}
             inputs[self.name] = rotate(x, label)
             yield inputs, {**y, self.name: label}
+
+
+def _derived(generator: torch.Generator | None) -> torch.Generator | None:
+    """A generator seeded from ``generator``'s current state, leaving that state as it is."""
+    if generator is None:
+        return None
+    digest = hashlib.sha256(generator.get_state().numpy().tobytes()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def rotation(taskset: TaskSet, name: str = "rotation", seed: int = 0) -> TaskSet:
