@@ -96,7 +96,11 @@ def test_sigkill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path: 
     assert torch.equal(state["w"], torch.full((2_000_000,), float(state["i"])))
 
 
-def test_nan_loss_is_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["host-guard", "device-guard"])
+def test_nan_loss_is_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fused: bool) -> None:
+    # fused=true: the optimizer skips the step on the device and the host accounts for it
+    # at the next logging interval (the sync-free path used on CUDA).
+    config = [*TINY, f"optimizer.fused={str(fused).lower()}"]
     original = Trainer.compute_losses
     calls = {"train": 0}
 
@@ -110,14 +114,15 @@ def test_nan_loss_is_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(Trainer, "compute_losses", poisoned)
     with pytest.warns(RuntimeWarning, match="step 1: non-finite loss of task depth"):
-        results = run_experiment(compose_config(TINY), tmp_path)
+        results = run_experiment(compose_config(config), tmp_path)
     assert results["nonfinite_steps"] == 1
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(torch.tensor(list(h["train_loss"].values()))).all() for h in state["state"]["history"])
 
     calls["train"] = 0
     with pytest.raises(NonFiniteError, match="depth"):
-        run_experiment(compose_config([*TINY, "trainer.on_nonfinite=stop"]), tmp_path / "stop")
+        run_experiment(compose_config([*config, "trainer.on_nonfinite=stop"]), tmp_path / "stop")
     failed = json.loads((tmp_path / "stop" / "results.json").read_text())
     assert failed["status"] == "failed" and "NonFiniteError" in failed["error"]
     assert (tmp_path / "stop" / "error.txt").exists()

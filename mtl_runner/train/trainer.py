@@ -188,6 +188,14 @@ class Trainer:
                 group["lr"] = self.balancer.lr
             groups.append(group)
         self.optimizer = optimizer_factory(groups)
+        # Fused optimizers can skip a step on the device: the guard then needs no host sync.
+        self._skip_on_device = (
+            self.scaler is None
+            and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+            and all(group.get("fused") for group in self.optimizer.param_groups)
+        )
+        self._pending_finite: list[tuple[int, Tensor]] = []
+        self._step_finite: Tensor | None = None
         self.steps_per_epoch = max(1, math.ceil(len(taskset.train) / settings.batch_size))
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -199,6 +207,8 @@ class Trainer:
             return (step + 1) / warmup
         if self.settings.lr_schedule == "constant":
             return 1.0
+        if self.settings.lr_schedule == "step":  # MTAN/LibMTL's StepLR, counted in epochs
+            return self.settings.lr_step_gamma ** (step // self.steps_per_epoch // self.settings.lr_step_epochs)
         progress = (step - warmup) / max(1, self.total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -207,8 +217,6 @@ class Trainer:
         return torch.stack([task.loss(outputs[task.name], targets[task.name]) for task in self.tasks])
 
     def _forward(self, inputs: Any) -> dict[str, Tensor]:
-        if self.settings.lr_schedule == "step":  # MTAN/LibMTL's StepLR, counted in epochs
-            return self.settings.lr_step_gamma ** (step // self.steps_per_epoch // self.settings.lr_step_epochs)
         """The training forward. Multi-input datasets (``inputs`` a dict task -> tensor)
         run each task's inputs through the model for that task only
         (:meth:`SharingModel.predict`); the engine's per-task gradients then come from
@@ -241,7 +249,13 @@ class Trainer:
         need_jacobian = any(cb.wants_jacobian(step) for cb in self.callbacks)
         loss_scale = self.scaler.scale if self.scaler is not None else None
         grads = self.engine.backward(losses, weights, need_jacobian=need_jacobian, loss_scale=loss_scale, observed=observed)
-        applied = self._guard_nonfinite(step, observed)
+        self._step_finite = None
+        if self._skip_on_device and not need_jacobian:
+            applied = self._guard_on_device(step, observed)
+        else:
+            if self._skip_on_device:
+                self.optimizer.found_inf = None  # this step's guard runs on the host
+            applied = self._guard_nonfinite(step, observed)
         if applied:
             self.optimizer.step()
         self.scheduler.step()
@@ -252,15 +266,44 @@ class Trainer:
         self.state.step += 1
         return observed, weights.detach(), grads, applied
 
+    def _grad_norm(self) -> Tensor:
+        """The global gradient norm, clipped to ``trainer.grad_clip_norm`` when set."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.settings.grad_clip_norm is not None:
+            return torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip_norm)
+        return torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros((), device=self.device)
+
+    def _guard_on_device(self, step: int, losses: Tensor) -> bool:
+        """The non-finite guard without a host sync (fused optimizers): the optimizer's
+        ``found_inf`` flag makes its kernels skip the update on the device, as GradScaler
+        does; the host learns which steps were skipped at the next logging interval and
+        applies ``trainer.on_nonfinite`` then (the skipped steps changed nothing)."""
+        finite = torch.cat([torch.isfinite(losses.detach()), torch.isfinite(self._grad_norm()).reshape(1)])
+        ok = finite.all()
+        self.optimizer.found_inf = (~ok).float()
+        self._step_finite = ok
+        self._pending_finite.append((step, finite))
+        return True
+
+    def _resolve_nonfinite(self) -> None:
+        """Account for the steps the device guard skipped since the last call (one sync)."""
+        if not self._pending_finite:
+            return
+        steps = [step for step, _ in self._pending_finite]
+        flags = torch.stack([finite for _, finite in self._pending_finite]).tolist()
+        self._pending_finite.clear()
+        for step, finite in zip(steps, flags):
+            if all(finite):
+                self.state.consecutive_nonfinite = 0
+                continue
+            self.state.epoch_batches -= 1
+            self._record_nonfinite(step, finite[:-1])
+
     def _guard_nonfinite(self, step: int, losses: Tensor) -> bool:
         """Check losses and gradients for NaN/inf (one host sync per step, as a GradScaler
         does) and clip the gradient norm when configured. A non-finite step is skipped:
         gradients are dropped, the optimizer does not step, the counter grows."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if self.settings.grad_clip_norm is not None:
-            total = torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip_norm)
-        else:
-            total = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        total = self._grad_norm()
         losses_finite = bool(torch.isfinite(losses.detach()).all())
         finite = losses_finite and bool(torch.isfinite(total))
         if self.scaler is not None and losses_finite and self.scaler.update(finite):
@@ -272,15 +315,19 @@ class Trainer:
             self.state.consecutive_nonfinite = 0
             return True
         self.optimizer.zero_grad(set_to_none=True)
+        self._record_nonfinite(step, torch.isfinite(losses.detach()).tolist())
+        return False
+
+    def _record_nonfinite(self, step: int, losses_finite: list[bool]) -> None:
+        """Count a skipped step; stop the run when ``trainer.on_nonfinite`` says so."""
         self.state.nonfinite_steps += 1
         self.state.consecutive_nonfinite += 1
-        bad = [t.name for t, ok in zip(self.tasks, torch.isfinite(losses.detach()).tolist()) if not ok]
+        bad = [t.name for t, ok in zip(self.tasks, losses_finite) if not ok]
         where = f"loss of task {', '.join(bad)}" if bad else "gradients"
         message = f"step {step}: non-finite {where}"
         if self.settings.on_nonfinite == "stop" or self.state.consecutive_nonfinite >= self.settings.max_nonfinite_steps:
             raise NonFiniteError(f"{message} ({self.state.consecutive_nonfinite} consecutive; trainer.on_nonfinite={self.settings.on_nonfinite}, trainer.max_nonfinite_steps={self.settings.max_nonfinite_steps})")
-        warnings.warn(f"{message}; step skipped ({self.state.nonfinite_steps} so far)", RuntimeWarning, stacklevel=2)
-        return False
+        warnings.warn(f"{message}; step skipped ({self.state.nonfinite_steps} so far)", RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
     def _recompute_losses(self, inputs: Any, targets: dict[str, Tensor], share: Tensor | None) -> Tensor:
@@ -314,7 +361,8 @@ class Trainer:
                     losses, weights, grads, applied = self.train_step(batch)
                     state.batch_in_epoch = index + 1
                     if applied:
-                        state.epoch_loss_sum += losses
+                        ok = self._step_finite
+                        state.epoch_loss_sum += losses if ok is None else torch.where(ok, losses, 0.0)
                         state.epoch_batches += 1
                     self.logger.scalars([f"weight/{n}" for n in names], weights, step)
                     if grads.surgery_weights is not None:
@@ -322,6 +370,7 @@ class Trainer:
                     for tag, value in self.balancer.extra_scalars().items():
                         self.logger.scalar(tag, value, step)
                     if step % settings.log_every_n_steps == 0:
+                        self._resolve_nonfinite()
                         self.logger.scalars([f"loss/train/{n}" for n in names], losses, step)
                         self.logger.scalar("loss/train/total", (weights * losses).sum(), step)
                         self.logger.scalar("lr", self.scheduler.get_last_lr()[0], step)
@@ -331,6 +380,7 @@ class Trainer:
                         self.save_checkpoint()
                     progress.advance()
                 assert state.epoch_loss_sum is not None
+                self._resolve_nonfinite()
                 mean_losses = state.epoch_loss_sum / max(1, state.epoch_batches)
                 self.balancer.epoch_end(mean_losses)
                 val = self.evaluate(self.taskset.val)
@@ -425,6 +475,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Atomically replace ``last.pt``; events up to here are flushed to disk first, so a
         resume from this checkpoint that purges later events loses nothing."""
+        self._resolve_nonfinite()
         if self.checkpoint_dir is not None:
             self.logger.sync()
             io.torch_save(self.checkpoint_dir / "last.pt", self.checkpoint_state())
