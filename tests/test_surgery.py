@@ -29,7 +29,6 @@ from mtl_runner.optim.surgery.base import GramianWeighting, Surgery
 from mtl_runner.optim.surgery.cagrad import CAGrad
 from mtl_runner.optim.surgery.imtl_g import IMTLG
 from mtl_runner.optim.surgery.mgda import MGDA
-from mtl_runner.optim.surgery.pcgrad import PCGrad
 from mtl_runner.optim.surgery.upgrad import UPGrad
 from mtl_runner.runner import run_experiment
 from tests.conftest import TINY, compose_config
@@ -136,7 +135,7 @@ def test_pcgrad_leaves_agreeing_gradients_alone_and_follows_the_seed() -> None:
     assert torch.allclose(make("pcgrad", 3)(g), g.sum(0))
     conflicted = random_jacobian(5, 4, seed=5)
     assert torch.equal(make("pcgrad", 5, 0)(conflicted), make("pcgrad", 5, 0)(conflicted))
-    orders = {tuple(make("pcgrad", 5, s)._orders(5, torch.device("cpu"))[0].tolist()) for s in range(20)}
+    orders = {tuple(make("pcgrad", 5, s).orders_of_others(5, torch.device("cpu"))[0].tolist()) for s in range(20)}
     assert len(orders) > 1 and all(0 not in o and len(set(o)) == 4 for o in orders)
 
 
@@ -145,7 +144,7 @@ def test_pcgrad_matches_a_direct_projection_loop() -> None:
     the same random orders."""
     g = random_jacobian(4, 6, seed=6)
     surgery = make("pcgrad", 4, seed=3)
-    orders = PCGrad._orders(surgery, 4, torch.device("cpu"))
+    orders = surgery.orders_of_others(4, torch.device("cpu"))
     surgery = make("pcgrad", 4, seed=3)
     d = surgery(g)
     expected = torch.zeros(6, dtype=F64)
@@ -367,15 +366,6 @@ def test_weights_from_a_nonfinite_gramian_are_finite(name: str) -> None:
 
 
 # ------------------------------------------------------------- engine integration
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread, and the test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def scenes_batch():
     taskset = synthetic_scenes(image_size=16, num_train=8, num_val=1, num_test=1)

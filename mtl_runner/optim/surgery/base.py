@@ -56,6 +56,14 @@ class Surgery:
     def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
+    def orders_of_others(self, num_tasks: int, device: torch.device) -> Tensor:
+        """``(T, T-1)``; row ``i`` is a uniformly random order of the tasks other than
+        ``i``, drawn from the run's generator (PCGrad's and GradVac's visiting orders)."""
+        generator_device = self.generator.device if self.generator is not None else torch.device("cpu")
+        keys = torch.rand(num_tasks, num_tasks, generator=self.generator, device=generator_device).to(device)
+        keys.fill_diagonal_(2.0)  # task i sorts last in its own row and is cut off
+        return keys.argsort(1)[:, : num_tasks - 1]
+
     # Stateful methods (EMA targets, cached weights) override these for checkpoints.
     def state_dict(self) -> dict[str, Any]:
         return {}

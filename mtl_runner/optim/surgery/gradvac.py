@@ -67,7 +67,7 @@ class GradVac(GramianWeighting):
             return coefficients[0] * finite
         rows = torch.arange(num_tasks, device=gramian.device)
         norms_j_all = gramian.diagonal().clamp_min(0).sqrt()
-        for j in self._orders(num_tasks, gramian.device).T:  # one position of every order
+        for j in self.orders_of_others(num_tasks, gramian.device).T:  # one position of every order
             inner = (coefficients * gramian[j]).sum(1)  # g_i' . g_j for every i
             norm_i = ((coefficients @ gramian) * coefficients).sum(1).clamp_min(0).sqrt()
             norm_j = norms_j_all[j]
@@ -94,10 +94,3 @@ class GradVac(GramianWeighting):
                 f"but got {num_tasks}: call setup(num_tasks, generator) first"
             )
         return self.targets.to(gramian.device)
-
-    def _orders(self, num_tasks: int, device: torch.device) -> Tensor:
-        """Row ``i``: a uniformly random order of the tasks other than ``i``."""
-        generator_device = self.generator.device if self.generator is not None else torch.device("cpu")
-        keys = torch.rand(num_tasks, num_tasks, generator=self.generator, device=generator_device).to(device)
-        keys.fill_diagonal_(2.0)  # task i sorts last in its own row and is cut off
-        return keys.argsort(1)[:, : num_tasks - 1]

@@ -29,7 +29,7 @@ class PCGrad(GramianWeighting):
         coefficients = torch.eye(num_tasks, dtype=gramian.dtype, device=gramian.device)
         if num_tasks == 1:
             return coefficients[0]
-        order = self._orders(num_tasks, gramian.device)
+        order = self.orders_of_others(num_tasks, gramian.device)
         rows = torch.arange(num_tasks, device=gramian.device)
         squared_norms = gramian.diagonal()
         for k in range(num_tasks - 1):
@@ -39,10 +39,3 @@ class PCGrad(GramianWeighting):
             shift = torch.where(conflict, inner / torch.where(conflict, squared_norms[j], 1), 0)
             coefficients = coefficients.index_put((rows, j), -shift, accumulate=True)
         return coefficients.sum(0) * finite
-
-    def _orders(self, num_tasks: int, device: torch.device) -> Tensor:
-        """Row ``i``: a uniformly random order of the tasks other than ``i``."""
-        generator_device = self.generator.device if self.generator is not None else torch.device("cpu")
-        keys = torch.rand(num_tasks, num_tasks, generator=self.generator, device=generator_device).to(device)
-        keys.fill_diagonal_(2.0)  # task i sorts last in its own row and is cut off
-        return keys.argsort(1)[:, : num_tasks - 1]
