@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -44,3 +45,13 @@ def run_cli(args: Sequence[str], cwd: Path, timeout: float = 300, env: dict[str,
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models: on a shared 2-core machine extra intra-op threads only add barrier
+    waits (one balancer test ran 10x slower with them). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

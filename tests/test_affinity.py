@@ -18,7 +18,7 @@ from mtl_runner.affinity.grouping import EXHAUSTIVE_MAX_TASKS, best_grouping, se
 from mtl_runner.config import validate
 from tests.conftest import TINY, compose_config
 
-torch.set_num_threads(1)  # tiny models: threads only contend on a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_affinity_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from mtl_runner.optim.balancers.base import Balancer, adam_step_
 from mtl_runner.optim.balancers.dbmtl import DBMTL
 from mtl_runner.optim.balancers.dwa import DWA
-from mtl_runner.optim.balancers.famo import FAMO
 from mtl_runner.optim.balancers.geometric import Geometric
 from mtl_runner.optim.balancers.gradnorm import GradNorm
 from mtl_runner.optim.balancers.minmax import MinMax
@@ -30,6 +29,8 @@ from mtl_runner.optim.balancers.rlw import RLW
 from mtl_runner.optim.balancers.static import Static
 from mtl_runner.optim.balancers.uncertainty import Uncertainty
 from mtl_runner.tasks import Task
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "balancer"
 NAMES = ["uniform", "static", "uncertainty", "gradnorm", "dwa", "rlw", "geometric", "minmax", "famo", "dbmtl"]
@@ -40,16 +41,6 @@ TASKS = (
 )
 T = len(TASKS)
 P = 7  # width of the synthetic gradient rows
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> object:
-    """These tensors are tiny: intra-op threads only add barrier waits, which on a busy
-    2-core machine made one test 10x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def generator(seed: int = 0) -> torch.Generator:

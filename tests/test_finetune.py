@@ -17,13 +17,10 @@ from mtl_runner.train.trainer import Callback, Trainer
 from mtl_runner.runner import settings_from
 from tests.conftest import TINY, compose_config, run_cli
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 #: small_cnn with BatchNorm: four stages of channels 8, 8, 16, 16.
 STAGES = 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 def _model(seed: int, overrides: list[str] = ()) -> torch.nn.Module:

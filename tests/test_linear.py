@@ -3,7 +3,7 @@ and the runner (``sharing=soft backbone=linear dataset=linear_tasks``) convergin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,16 +16,9 @@ from mtl_runner.runner import run_experiment
 from scripts import linear_mtl
 from tests.conftest import compose_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 T, P, N = 6, 5, 25
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: extra threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _random_problem(seed: int = 0, n: int = N) -> tuple[torch.Tensor, torch.Tensor]:

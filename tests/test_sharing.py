@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,8 @@ from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.runner import run_experiment
 from tests.conftest import TINY, compose_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STRATEGIES = ["hard", "soft", "cross_stitch", "mtan", "mmoe", "film", "none"]
 BASES = {
     "small_cnn": [*TINY, "dataset.image_size=16", "dataset.num_train=32", "trainer.device=cpu"],
@@ -39,15 +40,6 @@ BASES = {
     ],
 }
 BACKBONES = ["small_cnn", "mlp"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: extra threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.cache

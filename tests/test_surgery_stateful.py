@@ -5,7 +5,6 @@ end-to-end runs including an exact resume."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,14 +38,6 @@ def make(name: str, num_tasks: int, seed: int = 0, **options: object) -> Surgery
     surgery = instantiate(cfg, **options)
     surgery.setup(num_tasks, seeded(seed))
     return surgery
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------- graddrop

@@ -20,17 +20,14 @@ from mtl_runner.config import validate
 from mtl_runner.tasks import Task
 from tests.conftest import compose_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 #: dataset=controlled, small enough for a few seconds per matrix.
 CONTROLLED = [
     "dataset=controlled", "backbone=mlp", "backbone.hidden=[64,64]", "dataset.d=32", "dataset.k=4",
     "dataset.num_train=256", "dataset.num_val=32", "dataset.num_test=256",
     "trainer.epochs=2", "trainer.batch_size=32", "trainer.progress=off", "baseline=on",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 def _matrix(root: Path, alpha: float, out_dir: Path | None = None) -> torch.Tensor:

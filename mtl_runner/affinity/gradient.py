@@ -9,7 +9,6 @@ diagnostics. Averaged over the measured steps of the joint run; symmetric, in [-
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from mtl_runner.diagnostics import cosine_matrix
