@@ -67,8 +67,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("choices", [
     ["balancer=uniform", "surgery=none"],
     ["balancer=uniform", "surgery=pcgrad"],
-    ["balancer=uncertainty", "surgery=cagrad"],
-], ids=["uniform", "pcgrad", "uncertainty+cagrad"])
+], ids=["uniform", "pcgrad"])
 def test_ddp_matches_single_process_on_the_combined_batch(tmp_path: Path, choices: list[str]) -> None:
     torch.set_num_threads(1)
     overrides = [*DDP_CONFIG, *choices]
