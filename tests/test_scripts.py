@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts import conflict_sweep
+from scripts import balancer_scales, conflict_sweep
 
 STEPS = 30
 
@@ -36,3 +36,21 @@ def test_conflict_sweep_moves_from_conflict_at_alpha_0_to_alignment_at_alpha_1(t
 def test_sketch_marks_every_occupied_bin() -> None:
     line = conflict_sweep.sketch(np.array([-0.95, 0.96, 0.97, 0.98, 0.99]), bins=4)
     assert line == "▂  █"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_balancer_scales_reads_every_task_of_every_balancer(tmp_path: Path) -> None:
+    """One tiny epoch per balancer: the table's figures come back finite from the runs'
+    TensorBoard scalars, with each balancer's defining weights (uniform 1, gradnorm sum T)."""
+    tiny = ["dataset.num_val=16", "dataset.num_test=16", "backbone.channels=[8,8,16,16]", "trainer.batch_size=16"]
+    results = balancer_scales.sweep(balancer_scales.BALANCERS, epochs=1, num_train=48, image_size=16, seed=0,
+                                    runs_dir=tmp_path, overrides=tiny)
+    assert [r.balancer for r in results] == list(balancer_scales.BALANCERS)
+    for r in results:
+        assert list(r.tasks) == ["seg", "depth", "count"]
+        assert np.isfinite(r.ratio) and r.ratio >= 1
+        for s in r.tasks.values():
+            assert np.isfinite([s.loss, s.weight, s.weighted]).all() and s.weight > 0
+    uniform, _, gradnorm = results
+    assert all(s.weight == 1 and s.weighted == pytest.approx(s.loss) for s in uniform.tasks.values())
+    assert sum(s.weight for s in gradnorm.tasks.values()) == pytest.approx(3, rel=1e-4)
