@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from mtl_runner import io
+from mtl_runner.build import build_balancer, build_surgery
 from mtl_runner.config import ConfigError, register_schema, validate
 from mtl_runner.data.roots import DatasetRootError, check_dataset
 
@@ -126,6 +127,11 @@ def preflight(argv: list[str], config_name: str = "config") -> list[str]:
                 fail(_explain(exc, job, config_name))
             try:
                 validate(cfg)
+                # methods check their own arguments (e.g. surgery.c) when constructed: cheap, and before any output
+                if "balancer" in cfg:
+                    build_balancer(cfg)
+                if "surgery" in cfg:
+                    build_surgery(cfg)
                 check_dataset(cfg.dataset)
                 check_dataset(cfg.backbone)  # pretrained weights: fetched now, or one line
             except (ConfigError, DatasetRootError, ValueError) as exc:

@@ -41,7 +41,8 @@ RUNTIME_ARGS: dict[str, frozenset[str]] = {
 
 
 class ConfigError(ValueError):
-    """Bad user input: reported as one line, exit code 2, nothing written."""
+    """Bad user input: reported as one line, exit code 2. Raised in the preflight (before
+    Hydra creates the run directory) wherever the check needs no model or data."""
 
 
 @dataclass
@@ -217,6 +218,8 @@ def validate(cfg: DictConfig) -> None:
             good = False
         if not good:
             raise ConfigError(f"{key}={value!r} is not allowed; expected {allowed}")
+    if cfg.trainer.get("sync_batchnorm") and cfg.trainer.get("strategy") != "ddp":
+        raise ConfigError("trainer.sync_batchnorm=true needs trainer.strategy=ddp (one process has no other ranks to sync with)")
     finetune = cfg.get("finetune")
     if finetune is not None:
         if finetune.reinit_heads and not cfg.get("init_from"):

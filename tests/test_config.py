@@ -35,6 +35,8 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
         (["balancer.foo=1"], ["unknown key balancer.foo"]),
         (["trainer.device=tpu"], ["trainer.device", "auto, cpu, cuda"]),
         (["-m", "trainer.epochs=1,-2"], ["trainer.epochs", ">= 1"]),
+        (["surgery=cagrad", "surgery.c=1.5"], ["surgery.c must be in [0, 1)"]),  # the method's own check
+        (["trainer.sync_batchnorm=true"], ["trainer.sync_batchnorm=true needs trainer.strategy=ddp"]),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path: Path, args: list[str], expected: list[str]) -> None:
