@@ -13,6 +13,7 @@ GPU utilisation while the trainer runs (``torch.cuda.utilization``, needs pynvml
 
     python scripts/bench_throughput.py                       # CPU (and CUDA when present)
     python scripts/bench_throughput.py --devices cpu --repeats 5
+    python scripts/bench_throughput.py --devices cpu --image-size 32   # a quicker CPU pass
 """
 
 from __future__ import annotations
@@ -142,12 +143,13 @@ def _sync(device: torch.device) -> None:
 
 
 def compare_with_hand_loop(device: torch.device, args: argparse.Namespace, console: Console) -> None:
-    table = Table(title=f"trainer vs hand-written loop on {device} (cnn3, batch {args.batch_size}; samples/s, median of {args.repeats})")
+    table = Table(title=f"trainer vs hand-written loop on {device} (cnn3 on {args.image_size}x{args.image_size}, batch {args.batch_size}; "
+                        f"samples/s, median of {args.repeats})")
     for column in ("surgery", "hand loop", "trainer", "trainer / loop", "trainer + diagnostics", "ratio"):
         table.add_column(column, justify="right")
     methods = ["none"] + (["pcgrad"] if (CONF_DIR / "surgery" / "pcgrad.yaml").exists() else [])
     for surgery in methods:
-        common = [*CNN3, f"surgery={surgery}", f"trainer.device={device}", f"trainer.epochs={args.epochs}",
+        common = [*CNN3, f"dataset.image_size={args.image_size}", f"surgery={surgery}", f"trainer.device={device}", f"trainer.epochs={args.epochs}",
                   f"trainer.batch_size={args.batch_size}", f"dataset.num_train={args.num_train}", "dataset.num_val=32",
                   "dataset.num_test=64", "trainer.progress=off", "trainer.jacobian=sequential"]
         plain_cfg = compose_run([*common, "diagnostics=off"])
@@ -204,6 +206,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--num-train", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=64, help="of the trainer-vs-loop table (32: 4x cheaper steps, for a slow CPU)")
     args = parser.parse_args()
     console = Console()
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
