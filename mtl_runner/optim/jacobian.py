@@ -21,6 +21,8 @@ happens here, except while ``auto`` times its two candidates on the first steps.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,10 +31,16 @@ from torch import Tensor, nn
 
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.base import Balancer
-from mtl_runner.optim.surgery.base import Surgery
+from mtl_runner.optim.surgery.base import GramianWeighting, Surgery
 from mtl_runner.train.distributed import DataParallel
 
 Strategy = Literal["auto", "batched", "sequential"]
+#: torch.autograd.grad takes gradient edges as outputs since torch 2.4.
+_EDGES_AS_OUTPUTS = torch.__version__ >= "2.4"
+if _EDGES_AS_OUTPUTS:
+    from torch.autograd.graph import GradientEdge
+else:  # pragma: no cover - older torch: per-task passes start from the stacked losses
+    GradientEdge = tuple  # type: ignore[misc,assignment]
 AUTO_TRIALS = 2  # timed steps per candidate before auto settles
 
 
@@ -82,6 +90,7 @@ class GradientEngine:
             _refuse_without_shared(model, balancer, surgery)
         self.strategy: Strategy = strategy
         self._timings: dict[str, list[float]] = {"batched": [], "sequential": []}
+        self._batched_ok = False
         self._features: tuple[Tensor, Tensor] | None = None
         self._loss_scale: float | None = None
         self._z: Tensor | None = None
@@ -109,13 +118,23 @@ class GradientEngine:
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """The model's forward; in the features space ``z`` is detached so that per-task
-        gradients stop there."""
-        if not self.features_space:
+        gradients stop there. In the params space the same split serves a model with one
+        shared representation whenever the step will need the Jacobian: the per-task
+        passes through the heads stop at ``z``, and one pass through the encoder (batched
+        over the ``T`` rows) gives ``J``, as torchjd's ``mtl_backward`` does."""
+        if not (self.features_space or self._splits_params()):
             return self.model(x)
         z = self.model.encode(x)
         z_leaf = z.detach().requires_grad_(True)
         self._features = (z, z_leaf)
         return self.model.decode(z_leaf)
+
+    def _splits_params(self) -> bool:
+        return (
+            self.model.supports_features_space
+            and bool(self.shared)
+            and (self.surgery.needs_jacobian or self.balancer.requires_grads == "shared")
+        )
 
     # ----------------------------------------------------------------- backward
     def backward(
@@ -193,9 +212,14 @@ class GradientEngine:
             torch._foreach_div_(grads, self._loss_scale)
 
     def _params_backward(self, losses: Tensor, weights: Tensor, extra: Tensor | None) -> StepGradients:
-        jacobian, head_grads = self._global_rows(self._rows(losses, self.shared, with_heads=True))
-        rows = self._scale(jacobian, losses, weights)
-        direction = self.surgery(rows, self._observed)
+        # Nothing backpropagates through the losses after the rows (the penalty, if any, is
+        # its own graph, kept to be safe): the passes free the graph as they go.
+        features, self._features = self._features, None
+        rows = self._rows(losses, self.shared, with_heads=True, retain=extra is not None, through=features)
+        jacobian, head_grads = self._global_rows(rows)
+        direction = self._direction(jacobian, weights)
+        if direction.untyped_storage().data_ptr() == jacobian.untyped_storage().data_ptr():
+            direction = direction.clone()  # .grad gets views of it: never of the returned J
         _assign(self.shared, direction)
         self._assign_heads(head_grads, weights.detach())
         if extra is not None:
@@ -207,12 +231,11 @@ class GradientEngine:
         z, z_leaf = self._features
         self._features = None
         self._z = z
-        jacobian, head_grads = self._rows(losses, [z_leaf], with_heads=True)
-        rows = self._scale(jacobian, losses, weights)
-        self._z = None
+        jacobian, head_grads = self._rows(losses, [z_leaf], with_heads=True, retain=True)
         # Surgery.__init__ admits space=features only for GramianWeighting methods, whose
         # call is weights(rows @ rows.T) @ rows (dropping non-finite rows, setting last_weights).
-        direction = self.surgery(rows, self._observed)
+        direction = self._direction(jacobian, weights)
+        self._z = None
         self._assign_heads(head_grads, weights.detach())
         if self._loss_scale is not None:
             direction = direction * self._loss_scale
@@ -233,7 +256,43 @@ class GradientEngine:
             self.distributed.mean_([jacobian, *(g for grads in head_grads for g in grads if g is not None)])
         return result
 
-    def _scale(self, jacobian: Tensor, losses: Tensor, weights: Tensor) -> Tensor:
+    def _direction(self, jacobian: Tensor, weights: Tensor) -> Tensor:
+        """The surgery's direction from the unweighted rows ``J`` and the balancer's
+        weights: what ``surgery(w[:, None] * J)`` returns.
+
+        For a plain :class:`GramianWeighting` (its ``__call__`` not overridden) and a
+        balancer that does not rewrite the rows, the engine runs that call itself without
+        the ``T x P`` temporaries: the scaled rows' Gramian is ``(w w^T) * (J J^T)``, a
+        task whose row has a non-finite entry is found from the Gramian's diagonal (its
+        squared norm is then non-finite) instead of a pass over ``J``, and the direction
+        is ``(weights * w) @ J``. With weights of 1 (uniform) this is the same arithmetic,
+        bit for bit; otherwise the products are rounded in another order (relative
+        differences around 1e-7). The method's ``T x T`` problem runs single-threaded on the CPU: it is
+        far too small to gain from threads, and waking them costs milliseconds on a busy
+        machine.
+        """
+        requirement = self.balancer.requires_grads
+        if requirement == "shared" or not _is_plain_gramian(self.surgery):
+            rows = self._scale(jacobian, weights)
+            return self.surgery(rows, self._observed)
+        if requirement == "last_shared":
+            self._observe_last(jacobian, weights)
+        w = weights.detach().to(jacobian.dtype)
+        gramian = (jacobian @ jacobian.T) * (w[:, None] * w[None, :])
+        finite = torch.isfinite(gramian.diagonal())
+        gramian = torch.where(finite[:, None] & finite[None, :], gramian, 0.0)
+        with _one_thread(gramian.device):
+            row_weights = self.surgery.weights(gramian, self._observed).to(jacobian.dtype) * finite
+        self.surgery.last_weights = row_weights
+        # The rows with non-finite entries have weight 0, but 0 * nan is nan: zero them in
+        # the product (a copy; the caller's J keeps its entries). On the CPU, reading the
+        # flag is free (no device to wait for) and spares that pass over J when every row
+        # is finite; on an accelerator the pass is cheaper than a synchronisation.
+        if jacobian.device.type != "cpu" or not bool(finite.all()):
+            jacobian = torch.nan_to_num(jacobian, nan=0.0, posinf=0.0, neginf=0.0)
+        return (row_weights * w) @ jacobian
+
+    def _scale(self, jacobian: Tensor, weights: Tensor) -> Tensor:
         """Rows as the surgery sees them; a "last_shared" balancer observes its layer's
         rows (a column subset of J, or in the features space a vector-Jacobian product
         of each representation row through the last stage only)."""
@@ -241,18 +300,21 @@ class GradientEngine:
         if requirement == "shared":
             return self.balancer.scale_rows(jacobian, self._observed, weights)
         if requirement == "last_shared":
-            if self.features_space:
-                assert self._z is not None
-                last_rows = torch.stack(
-                    [
-                        _flatten(torch.autograd.grad(self._z, self.last_shared, row.view_as(self._z), retain_graph=True, allow_unused=True), self.last_shared)
-                        for row in jacobian
-                    ]
-                )
-            else:
-                last_rows = jacobian[:, self._last_columns.to(jacobian.device)]
-            self.balancer.scale_rows(last_rows, self._observed, weights)
+            self._observe_last(jacobian, weights)
         return weights.detach().to(jacobian.dtype)[:, None] * jacobian
+
+    def _observe_last(self, jacobian: Tensor, weights: Tensor) -> None:
+        if self.features_space:
+            assert self._z is not None
+            last_rows = torch.stack(
+                [
+                    _flatten(torch.autograd.grad(self._z, self.last_shared, row.view_as(self._z), retain_graph=True, allow_unused=True), self.last_shared)
+                    for row in jacobian
+                ]
+            )
+        else:
+            last_rows = jacobian[:, self._last_columns.to(jacobian.device)]
+        self.balancer.scale_rows(last_rows, self._observed, weights)
 
     def _assign_heads(self, head_grads: list[list[Tensor | None]], w: Tensor) -> None:
         for t, (name, params) in enumerate(self.task_params.items()):
@@ -263,33 +325,88 @@ class GradientEngine:
 
     # ------------------------------------------------------- per-task gradients
     def _rows(
-        self, losses: Tensor, targets: list[Tensor], *, with_heads: bool
+        self,
+        losses: Tensor,
+        targets: list[Tensor],
+        *,
+        with_heads: bool,
+        retain: bool = True,
+        through: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, list[list[Tensor | None]]]:
         """Unweighted per-task gradients of ``targets`` as a ``(T, P)`` matrix, and each
-        task's gradients of its own head parameters (when ``with_heads``)."""
+        task's gradients of its own head parameters (when ``with_heads``). ``retain``:
+        keep the graph for a later backward (else the passes free it as they go).
+
+        ``through=(z, z_leaf)`` (the params-space split): the per-task passes stop at the
+        detached representation ``z_leaf``, and its rows are then carried through the
+        encoder ``z -> targets`` (the part the strategy decides: one batched pass or
+        ``T`` passes)."""
         strategy = self._choose()
         start = self._clock() if self.strategy == "auto" else None
-        if self._loss_scale is not None:
-            losses = losses * self._loss_scale
-        if strategy == "batched":
-            try:
-                result = self._rows_batched(losses, targets, with_heads)
-            except RuntimeError:
-                # Some ops have no batching rule for vmap; sequential always works.
-                self.strategy = "sequential"
-                result = self._rows_sequential(losses, targets, with_heads)
+        scale = self._loss_scale
+        if through is None:
+            result = self._task_rows(losses, targets, with_heads, retain, strategy, scale)
         else:
-            result = self._rows_sequential(losses, targets, with_heads)
+            z, z_leaf = through
+            z_rows, head_grads = self._task_rows(losses, [z_leaf], with_heads, True, strategy, scale)
+            result = (self._encoder_rows(z, z_rows, targets, retain, strategy), head_grads)
         if start is not None:
             self._timings[strategy].append(self._clock() - start)
         jacobian, head_grads = result
-        # Rows of a half-precision representation (features space under autocast) are
-        # promoted: surgery solves small systems from their Gramian.
-        jacobian = jacobian.float() if jacobian.dtype in (torch.float16, torch.bfloat16) else jacobian
-        if self._loss_scale is not None:
-            jacobian = jacobian / self._loss_scale
-            head_grads = [[None if g is None else g / self._loss_scale for g in grads] for grads in head_grads]
+        if scale is not None:
+            # Both are this step's own tensors: unscale in place.
+            jacobian.div_(scale)
+            for grads in head_grads:
+                for g in grads:
+                    if g is not None:
+                        g.div_(scale)
         return jacobian, head_grads
+
+    def _task_rows(
+        self, losses: Tensor, targets: list[Tensor], with_heads: bool, retain: bool, strategy: str, scale: float | None
+    ) -> tuple[Tensor, list[list[Tensor | None]]]:
+        """The per-task passes from the losses. When ``losses`` is a ``torch.stack`` of the
+        task losses, task ``t``'s pass starts at its own loss (a gradient edge of the
+        stack), so it traverses only its own head: through the stacked vector every pass
+        would also run the other heads' backward on zero gradients (``T^2`` head passes).
+        Otherwise the strategy's way (one batched pass, or ``T`` passes)."""
+        edges = _task_edges(losses)
+        if edges is not None:
+            return self._rows_sequential(edges, losses, targets, with_heads, retain, scale)
+        if scale is not None:
+            losses = losses * scale
+        if strategy == "batched":
+            try:
+                # Until a batched pass has succeeded, keep the graph: a missing batching
+                # rule fails halfway through, and the sequential retry needs it whole.
+                result = self._rows_batched(losses, targets, with_heads, retain or not self._batched_ok)
+                self._batched_ok = True
+                return result
+            except RuntimeError:
+                # Some ops have no batching rule for vmap; sequential always works.
+                self.strategy = "sequential"
+        return self._rows_sequential(list(losses), losses, targets, with_heads, retain, None)
+
+    def _encoder_rows(self, z: Tensor, z_rows: Tensor, targets: list[Tensor], retain: bool, strategy: str) -> Tensor:
+        """``J`` of ``targets`` from the rows of the representation: ``T`` vector-Jacobian
+        products through the encoder, one batched pass or ``T`` passes."""
+        num_tasks = z_rows.shape[0]
+        cotangents = z_rows.view(num_tasks, *z.shape).to(z.dtype)
+        jacobian = _empty_rows(num_tasks, targets)
+        if strategy == "batched":
+            try:
+                grads = torch.autograd.grad(
+                    z, targets, cotangents, retain_graph=retain or not self._batched_ok, is_grads_batched=True, allow_unused=True
+                )
+                self._batched_ok = True
+                _write_row(jacobian, grads, targets)
+                return jacobian
+            except RuntimeError:
+                self.strategy = "sequential"
+        for t in range(num_tasks):
+            grads = torch.autograd.grad(z, targets, cotangents[t], retain_graph=retain or t < num_tasks - 1, allow_unused=True)
+            _write_row(jacobian[t], grads, targets)
+        return jacobian
 
     def _choose(self) -> str:
         if self.strategy != "auto":
@@ -308,34 +425,48 @@ class GradientEngine:
         return time.perf_counter()
 
     def _rows_sequential(
-        self, losses: Tensor, targets: list[Tensor], with_heads: bool
+        self,
+        outputs: list[Tensor] | list[GradientEdge | None],
+        losses: Tensor,
+        targets: list[Tensor],
+        with_heads: bool,
+        retain: bool,
+        scale: float | None,
     ) -> tuple[Tensor, list[list[Tensor | None]]]:
-        rows, head_grads = [], []
+        """One pass per task from ``outputs[t]`` (the scalar loss, or its gradient edge,
+        seeded with ``scale``; None: the loss does not depend on anything trained)."""
+        num_tasks = losses.shape[0]
+        jacobian = _empty_rows(num_tasks, targets)
+        seed = None if scale is None else torch.full((), scale, dtype=losses.dtype, device=losses.device)
+        head_grads = []
         for t, name in enumerate(self.task_params):
             own = self.task_params[name] if with_heads else []
-            grads = torch.autograd.grad(
-                losses[t], targets + own, retain_graph=True, allow_unused=True
-            )
-            rows.append(_flatten(grads[: len(targets)], targets))
+            output = outputs[t]
+            if output is None:
+                grads: tuple[Tensor | None, ...] = (None,) * (len(targets) + len(own))
+            else:
+                if isinstance(output, GradientEdge):
+                    cotangent = seed if seed is not None else torch.ones((), dtype=losses.dtype, device=losses.device)
+                else:
+                    cotangent = None
+                grads = torch.autograd.grad(
+                    output, targets + own, cotangent, retain_graph=retain or t < num_tasks - 1, allow_unused=True
+                )
+            _write_row(jacobian[t], grads[: len(targets)], targets)
             head_grads.append(list(grads[len(targets) :]))
-        return torch.stack(rows), head_grads
+        return jacobian, head_grads
 
     def _rows_batched(
-        self, losses: Tensor, targets: list[Tensor], with_heads: bool
+        self, losses: Tensor, targets: list[Tensor], with_heads: bool, retain: bool
     ) -> tuple[Tensor, list[list[Tensor | None]]]:
         num_tasks = losses.shape[0]
         heads = [p for params in self.task_params.values() for p in params] if with_heads else []
         eye = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device)
         grads = torch.autograd.grad(
-            losses, targets + heads, grad_outputs=eye, retain_graph=True, is_grads_batched=True, allow_unused=True
+            losses, targets + heads, grad_outputs=eye, retain_graph=retain, is_grads_batched=True, allow_unused=True
         )
-        jacobian = torch.cat(
-            [
-                (g if g is not None else torch.zeros((num_tasks, *p.shape), dtype=p.dtype, device=p.device)).reshape(num_tasks, -1)
-                for g, p in zip(grads[: len(targets)], targets)
-            ],
-            dim=1,
-        )
+        jacobian = _empty_rows(num_tasks, targets)
+        _write_row(jacobian, grads[: len(targets)], targets)
         head_grads: list[list[Tensor | None]] = []
         offset = len(targets)
         for t, params in enumerate(self.task_params.values()):
@@ -374,13 +505,72 @@ def _flatten(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> Tensor:
 
 
 def _assign(params: list[nn.Parameter], flat: Tensor) -> None:
-    """Write a flat direction into the parameters' ``.grad`` (accumulating)."""
+    """Write a flat direction into the parameters' ``.grad`` (accumulating). ``flat`` is
+    this step's own tensor: a parameter without a gradient gets a view of it, no copy."""
     offset = 0
     for p in params:
         n = p.numel()
         g = flat[offset : offset + n].view_as(p).to(p.dtype)
-        p.grad = g.clone() if p.grad is None else p.grad + g
+        p.grad = g if p.grad is None else p.grad + g
         offset += n
+
+
+def _task_edges(losses: Tensor) -> list[GradientEdge | None] | None:
+    """Each task's loss as a gradient edge, when ``losses`` is ``torch.stack`` of ``T``
+    scalar losses (None in an edge: that loss does not require grad); else None."""
+    node = losses.grad_fn
+    if not _EDGES_AS_OUTPUTS or node is None or losses.dim() != 1 or type(node).__name__ != "StackBackward0":
+        return None
+    edges = node.next_functions
+    if len(edges) != losses.shape[0]:
+        return None
+    return [None if fn is None else GradientEdge(fn, nr) for fn, nr in edges]
+
+
+def _empty_rows(num_tasks: int, targets: list[Tensor]) -> Tensor:
+    """The ``(T, P)`` buffer the rows are written into, in the targets' dtype, promoted
+    to float32 from half precision (a features-space representation under autocast):
+    surgery solves small systems from the rows' Gramian."""
+    dtype = targets[0].dtype if targets else torch.float32
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    device = targets[0].device if targets else None
+    return torch.empty((num_tasks, sum(p.numel() for p in targets)), dtype=dtype, device=device)
+
+
+def _write_row(out: Tensor, grads: tuple[Tensor | None, ...], params: list[Tensor]) -> None:
+    """Copy gradients (a missing one is zero) into ``out``, one row ``(P,)`` or a batch of
+    rows ``(T, P)`` (``is_grads_batched`` gradients), in ``params``' order."""
+    lead = out.shape[:-1]
+    offset = 0
+    for g, p in zip(grads, params):
+        n = p.numel()
+        block = out[..., offset : offset + n]
+        if g is None:
+            block.zero_()
+        else:
+            block.copy_(g.reshape(*lead, n))
+        offset += n
+
+
+@contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run a tiny CPU computation (a ``T x T`` problem) on one intra-op thread."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _is_plain_gramian(surgery: Surgery) -> bool:
+    """Whether ``surgery(rows)`` is exactly :meth:`GramianWeighting.__call__` (so the
+    engine may run it on the unweighted rows itself)."""
+    return isinstance(surgery, GramianWeighting) and type(surgery).__call__ is GramianWeighting.__call__
 
 
 def _columns_of(params: list[nn.Parameter], ids: set[int]) -> Tensor:
