@@ -18,8 +18,9 @@ Workloads (issue 3): ``cnn3`` (4-conv encoder 3->32->64->128->128, BN+ReLU, stri
 1,2,2,1, on 3x64x64, batch 32; heads: 7-class segmentation and depth as 1x1 conv + 4x
 bilinear upsampling, a 10-class global head), ``mlp3`` (MLP 256-512-512-256, batch 256,
 3 regression heads) and ``mlp10`` (the same with 10 heads). Columns take turns in rounds
-(``--rounds`` x ``--steps``) after ``--warmup`` steps each (which also let
-``trainer.jacobian=auto`` settle), so machine noise hits all of them alike.
+(``--rounds`` x ``--steps``) after ``--warmup`` steps each (engine columns warm up
+until ``trainer.jacobian=auto`` has settled, so they time the path it chose; the
+``jacobian`` column says which), so machine noise hits all of them alike.
 
     python scripts/bench_steps.py                              # CPU (and CUDA when present)
     python scripts/bench_steps.py --quick                      # < 2 min on 2 CPU cores
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +56,8 @@ from mtl_runner.tasks import Task
 SURGERY_NAMES = sorted(p.stem for p in (CONF_DIR / "surgery").glob("*.yaml"))
 #: Targets of issue 3 that name methods.
 TORCHJD_TARGET_METHODS = ("pcgrad", "mgda", "upgrad")
+#: Cap on warm-up steps spent waiting for ``trainer.jacobian=auto`` to settle.
+MAX_SETTLE_STEPS = 20
 
 Batch = tuple[Tensor, list[Tensor]]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -182,15 +186,17 @@ def plain_column(workload: Workload) -> Column:
 
 
 def sequential_column(workload: Workload) -> Column:
-    """T backward passes through the whole model, one per task loss (gradients summed)."""
+    """T backward passes through the whole model, one per task loss (gradients summed).
+    Each starts at its own loss tensor: one started at an entry of the stacked loss
+    vector would also run every other head's backward on zero gradients."""
     model = copy.deepcopy(workload.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        losses = task_losses(workload, model(workload.batch[0]))
-        for t in range(workload.num_tasks):
-            losses[t].backward(retain_graph=t < workload.num_tasks - 1)
+        losses = loss_list(workload, model(workload.batch[0]))
+        for t, loss in enumerate(losses):
+            loss.backward(retain_graph=t < workload.num_tasks - 1)
         optimizer.step()
 
     return Column("T x bwd", step)
@@ -285,6 +291,13 @@ def timed(column: Column, device: torch.device, record: bool) -> None:
         column.times_ms.append((time.perf_counter() - start) * 1e3)
 
 
+def unsettled(column: Column) -> bool:
+    """Whether the column's engine is still timing its Jacobian strategies (``auto``):
+    warm-up goes on until it has settled, so that timed steps measure the chosen path."""
+    engine = column.engine
+    return engine is not None and engine.surgery.needs_jacobian and engine.strategy == "auto"
+
+
 def median(column: Column) -> float:
     return statistics.median(column.times_ms)
 
@@ -306,8 +319,10 @@ def run_workload(workload: Workload, methods: list[str], args: argparse.Namespac
                 torchjd[name] = torchjd_column(workload, name, aggregator)
     everything = {**columns, **{c.name: c for c in torchjd.values()}}
     for column in everything.values():
-        for _ in range(args.warmup):
+        warm = 0
+        while warm < args.warmup or (unsettled(column) and warm < MAX_SETTLE_STEPS):
             timed(column, device, record=False)
+            warm += 1
     for _ in range(args.rounds):
         for column in everything.values():
             for _ in range(args.steps):
@@ -368,25 +383,24 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=["cnn3", "mlp3", "mlp10"])
     parser.add_argument("--methods", nargs="+", choices=SURGERY_NAMES, default=SURGERY_NAMES, help="surgery YAMLs (default: all)")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
-    parser.add_argument("--warmup", type=int, default=6, help="untimed steps per column (auto settles in 5)")
+    parser.add_argument("--warmup", type=int, default=6,
+                        help="untimed steps per column; engine columns under auto go on until it has settled")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per column per round")
     parser.add_argument("--rounds", type=int, default=4, help="rounds over all columns")
-    parser.add_argument("--jacobian", choices=["auto", "batched", "sequential"], default=None,
-                        help="trainer.jacobian (default auto; sequential under --quick, so no warm-up goes to timing both)")
+    parser.add_argument("--jacobian", choices=["auto", "batched", "sequential"], default="auto",
+                        help="trainer.jacobian (default auto, the engine's default)")
     parser.add_argument("--no-torchjd", dest="torchjd", action="store_false", help="skip the torchjd columns")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help="warmup 2, steps 1, rounds 3, jacobian sequential: noisy")
+    parser.add_argument("--quick", action="store_true", help="warmup 2 (auto still settles), steps 1, rounds 3: noisy")
     args = parser.parse_args()
     if args.quick:
         args.warmup, args.steps, args.rounds = 2, 1, 3
-        args.jacobian = args.jacobian or "sequential"
-    args.jacobian = args.jacobian or "auto"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "none" not in args.methods:
         args.methods = ["none", *args.methods]
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 132)  # piped: wide enough for every column
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; warmup {args.warmup}, "
                   f"{args.rounds} rounds x {args.steps} timed steps per column")
     lines: list[str] = []
