@@ -6,16 +6,27 @@ Per step the engine decides how much gradient information it needs:
   one backward of ``sum_t w_t L_t``, the fast path;
 - the per-task gradients of the last shared layer only (GradNorm with ``surgery=none``):
   ``T`` short backward passes that stop at that layer, then the fast path;
-- the Jacobian ``J`` (``T x P``) of the shared parameters: ``batched`` (one vectorised
-  backward over the ``T`` rows, ``is_grads_batched``) or ``sequential`` (``T`` backward
-  passes); ``auto`` times both on the first such steps and keeps the faster. Task heads
-  get their own task's weighted gradient from the same passes;
+- the Jacobian ``J`` (``T x P``) of the shared parameters. With one shared
+  representation ``z`` (``sharing=hard``) the forward splits at ``z`` as in the
+  features space: per-task passes through the heads give the rows of ``z``, and the
+  encoder turns them into ``J`` in one vectorised backward over the ``T`` rows
+  (``batched``, ``is_grads_batched``) or ``T`` passes (``sequential``), as torchjd's
+  ``mtl_backward`` does; other models take ``T`` passes (or one batched pass) through
+  the whole model. ``auto`` times both on the first such steps and keeps the faster.
+  Task heads get their own task's weighted gradient from the same passes;
 - in the features space (``surgery.space=features``): the gradients of the shared
   representation ``z`` per task (cheap: they stop at ``z``), the surgery's row weights
   from their ``T x T`` Gramian, then one weighted backward through the encoder.
 
+A per-task pass starts at the task's own loss (a gradient edge of the ``torch.stack``
+that made the loss vector), so it runs only its own head's backward. A row-weighting
+surgery (:class:`GramianWeighting`) runs on the unweighted ``J`` without ``T x P``
+temporaries (see :meth:`GradientEngine._direction`); rows go straight into one
+``(T, P)`` buffer and ``.grad`` gets views of the direction.
+
 The balancer's weights scale the rows before surgery. No ``.item()`` or host transfer
-happens here, except while ``auto`` times its two candidates on the first steps.
+happens here, except while ``auto`` times its two candidates on the first steps (and
+one flag read from a CPU tensor, which waits for nothing).
 """
 
 from __future__ import annotations
