@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from mtl_runner.cli import CONF_DIR
+from mtl_runner.optim.balancers.base import Balancer
 
 #: Small enough that a run takes a second or two on a CPU.
 TINY = [
@@ -55,3 +56,14 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class FixedWeights(Balancer):
+    """A balancer with given constant weights, for engine tests with non-uniform weights."""
+
+    def __init__(self, w: list[float]) -> None:
+        super().__init__()
+        self.w = torch.tensor(w)
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        return self.w.to(losses)

@@ -10,20 +10,11 @@ import torch
 from mtl_runner.data.synthetic_scenes import synthetic_scenes
 from mtl_runner.models.backbones import SmallCNN
 from mtl_runner.models.sharing.hard import HardSharing
-from mtl_runner.optim.balancers.base import Balancer
 from mtl_runner.optim.balancers.uniform import Uniform
 from mtl_runner.optim.jacobian import GradientEngine
 from mtl_runner.optim.surgery.base import GramianWeighting
 from mtl_runner.optim.surgery.none import NoSurgery
-
-
-class FixedWeights(Balancer):
-    def __init__(self, w: list[float]) -> None:
-        super().__init__()
-        self.w = torch.tensor(w)
-
-    def weights(self, losses: torch.Tensor) -> torch.Tensor:
-        return self.w.to(losses)
+from tests.conftest import FixedWeights
 
 
 class HalfFirst(GramianWeighting):
