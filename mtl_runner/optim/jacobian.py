@@ -32,8 +32,6 @@ one flag read from a CPU tensor, which waits for nothing).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -269,39 +267,18 @@ class GradientEngine:
 
     def _direction(self, jacobian: Tensor, weights: Tensor) -> Tensor:
         """The surgery's direction from the unweighted rows ``J`` and the balancer's
-        weights: what ``surgery(w[:, None] * J)`` returns.
-
-        For a plain :class:`GramianWeighting` (its ``__call__`` not overridden) and a
-        balancer that does not rewrite the rows, the engine runs that call itself without
-        the ``T x P`` temporaries: the scaled rows' Gramian is ``(w w^T) * (J J^T)``, a
-        task whose row has a non-finite entry is found from the Gramian's diagonal (its
-        squared norm is then non-finite) instead of a pass over ``J``, and the direction
-        is ``(weights * w) @ J``. With weights of 1 (uniform) this is the same arithmetic,
-        bit for bit; otherwise the products are rounded in another order (relative
-        differences around 1e-7). The method's ``T x T`` problem runs single-threaded on the CPU: it is
-        far too small to gain from threads, and waking them costs milliseconds on a busy
-        machine.
-        """
+        weights: what ``surgery(w[:, None] * J)`` returns. A row weighting gets ``w`` as
+        its row scale (:meth:`GramianWeighting.direction`: no ``T x P`` temporaries), unless
+        the balancer rewrites the rows itself. With weights of 1 (uniform) this is the same
+        arithmetic, bit for bit; otherwise the products are rounded in another order
+        (relative differences around 1e-7)."""
         requirement = self.balancer.requires_grads
-        if requirement == "shared" or not _is_plain_gramian(self.surgery):
-            rows = self._scale(jacobian, weights)
-            return self.surgery(rows, self._observed)
+        if requirement == "shared" or not isinstance(self.surgery, GramianWeighting):
+            return self.surgery(self._scale(jacobian, weights), self._observed)
         if requirement == "last_shared":
             self._observe_last(jacobian, weights)
-        w = weights.detach().to(jacobian.dtype)
-        gramian = (jacobian @ jacobian.T) * (w[:, None] * w[None, :])
-        finite = torch.isfinite(gramian.diagonal())
-        gramian = torch.where(finite[:, None] & finite[None, :], gramian, 0.0)
-        with _one_thread(gramian.device):
-            row_weights = self.surgery.weights(gramian, self._observed).to(jacobian.dtype) * finite
-        self.surgery.last_weights = row_weights
-        # The rows with non-finite entries have weight 0, but 0 * nan is nan: zero them in
-        # the product (a copy; the caller's J keeps its entries). On the CPU, reading the
-        # flag is free (no device to wait for) and spares that pass over J when every row
-        # is finite; on an accelerator the pass is cheaper than a synchronisation.
-        if jacobian.device.type != "cpu" or not bool(finite.all()):
-            jacobian = torch.nan_to_num(jacobian, nan=0.0, posinf=0.0, neginf=0.0)
-        return (row_weights * w) @ jacobian
+        row_scale = weights.detach().to(jacobian.dtype)
+        return self.surgery.direction(jacobian, self._observed, row_scale, read_flags=jacobian.device.type == "cpu")
 
     def _scale(self, jacobian: Tensor, weights: Tensor) -> Tensor:
         """Rows as the surgery sees them; a "last_shared" balancer observes its layer's
@@ -562,26 +539,6 @@ def _write_row(out: Tensor, grads: tuple[Tensor | None, ...], params: list[Tenso
         else:
             block.copy_(g.reshape(*lead, n))
         offset += n
-
-
-@contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """Run a tiny CPU computation (a ``T x T`` problem) on one intra-op thread."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _is_plain_gramian(surgery: Surgery) -> bool:
-    """Whether ``surgery(rows)`` is exactly :meth:`GramianWeighting.__call__` (so the
-    engine may run it on the unweighted rows itself)."""
-    return isinstance(surgery, GramianWeighting) and type(surgery).__call__ is GramianWeighting.__call__
 
 
 def _columns_of(params: list[nn.Parameter], ids: set[int]) -> Tensor:

@@ -15,6 +15,8 @@ features-space mode) and the same code serves both spaces.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -82,11 +84,46 @@ class GramianWeighting(Surgery):
         raise NotImplementedError
 
     def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
-        # A row with a non-finite entry is dropped (zeroed, weight 0): one bad task must
-        # not turn the whole direction into NaN (0 * nan is nan, so zero it here).
-        finite = torch.isfinite(jacobian).all(1, keepdim=True)
-        jacobian = torch.where(finite, jacobian, torch.zeros_like(jacobian))
+        return self.direction(jacobian, losses)
+
+    def direction(
+        self, jacobian: Tensor, losses: Tensor | None = None, row_scale: Tensor | None = None, *, read_flags: bool = False
+    ) -> Tensor:
+        """``self(row_scale[:, None] * jacobian)``, without that ``T x P`` temporary: the
+        scaled rows' Gramian is ``(s s^T) * (J J^T)`` and the direction ``(weights * s) @ J``
+        (the engine passes the balancer's weights as ``row_scale``).
+
+        A row with a non-finite entry is dropped (weight 0): one bad task must not turn
+        the whole direction into NaN. It is found from the Gramian's diagonal (its squared
+        norm is non-finite), not by a pass over ``J``; but 0 * nan is nan, so the product
+        zeroes such rows in a copy of ``J``. ``read_flags=True`` lets a caller on the CPU,
+        where reading a flag back waits for nothing, skip that copy when every row is
+        finite; otherwise it is always made, so that nothing here reads the device.
+        The ``T x T`` problem runs on one CPU thread: it is far too small to gain from
+        threads, and waking them costs milliseconds on a busy machine.
+        """
         gramian = jacobian @ jacobian.T
-        weights = self.weights(gramian, losses).to(jacobian.dtype) * finite[:, 0]
+        if row_scale is not None:
+            gramian = gramian * (row_scale[:, None] * row_scale[None, :])
+        finite = torch.isfinite(gramian.diagonal())
+        gramian = torch.where(finite[:, None] & finite[None, :], gramian, 0.0)
+        with _one_cpu_thread(gramian.device):
+            weights = self.weights(gramian, losses).to(jacobian.dtype) * finite
         self.last_weights = weights
-        return weights @ jacobian
+        if not (read_flags and bool(finite.all())):
+            jacobian = torch.nan_to_num(jacobian, nan=0.0, posinf=0.0, neginf=0.0)
+        return (weights if row_scale is None else weights * row_scale) @ jacobian
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run a tiny CPU computation (a ``T x T`` problem) on one intra-op thread."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
