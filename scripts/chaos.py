@@ -64,7 +64,8 @@ def mtl_run(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
 def finish(process: subprocess.Popen[bytes], what: str) -> None:
     _, stderr = process.communicate(timeout=WAIT_S)
     if process.returncode != 0:
-        raise SystemExit(f"{what} failed (exit {process.returncode}): {stderr.decode().strip().splitlines()[-1:]}")
+        last_line = (stderr.decode().strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"{what} failed (exit {process.returncode}): {last_line}")
 
 
 def checkpoint_step(run_dir: Path) -> int:
