@@ -23,7 +23,7 @@ from mtl_runner.models.backbones import SmallCNN
 from mtl_runner.models.sharing.hard import HardSharing
 from mtl_runner.optim.balancers.uniform import Uniform
 from mtl_runner.optim.jacobian import GradientEngine
-from mtl_runner.optim.surgery import simplex
+from mtl_runner.optim.surgery import nash_mtl, simplex
 from mtl_runner.optim.surgery.aligned_mtl import AlignedMTL
 from mtl_runner.optim.surgery.base import GramianWeighting, Surgery
 from mtl_runner.optim.surgery.cagrad import CAGrad
@@ -114,6 +114,68 @@ def test_projected_gradient_fallback_beyond_exact_size() -> None:
     g0 = jacobian.mean(0)
     assert (d - g0).norm() <= c * g0.norm() * (1 + 1e-6)
     assert (jacobian @ d).min() >= (jacobian @ g0).min()
+
+
+WARM_CASES = [random_jacobian(10, 40, seed=7), random_jacobian(10, 6, seed=8)] + adversarial_jacobians()
+
+
+def _hints(num_tasks: int, shape: tuple[int, ...], right: Tensor) -> list[Tensor]:
+    """The right support, and wrong ones: all free, none free, a random one."""
+    random = torch.rand(shape, generator=seeded(num_tasks)) < 0.5
+    return [right, torch.ones(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool), random]
+
+
+@pytest.mark.parametrize("jacobian", WARM_CASES, ids=range(len(WARM_CASES)))
+def test_hinted_solves_give_the_enumerations_answer(jacobian: Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU shortcut (try last step's support, keep it if the KKT conditions hold)
+    returns what the enumeration returns, whether the hint is right or wrong; a right
+    hint skips the enumeration."""
+    gramian = jacobian @ jacobian.T
+    size = gramian.shape[0]
+    identity = torch.eye(size, dtype=F64)
+    radius = 0.4 * gramian.mean().clamp_min(0).sqrt()
+    exact = {
+        "min_norm": simplex.min_norm_weights(gramian),
+        "dual_cone": simplex.dual_cone_weights(gramian, identity),
+        "cagrad": simplex.cagrad_weights(gramian, radius),
+    }
+    solve = {
+        "min_norm": lambda hint: simplex.min_norm_weights(gramian, hint),
+        "dual_cone": lambda hint: simplex.dual_cone_weights(gramian, identity, hint),
+        "cagrad": lambda hint: simplex.cagrad_weights(gramian, radius, hint),
+    }
+    lower = {"min_norm": 0.0, "dual_cone": identity, "cagrad": 0.0}
+    for name, answer in exact.items():
+        right = simplex.support_of(answer, lower[name])
+        for hint in _hints(size, tuple(right.shape), right):
+            # Directions, not weights: with a singular Gramian the weights are not unique.
+            assert torch.allclose(solve[name](hint) @ jacobian, answer @ jacobian, rtol=1e-7, atol=1e-9 * jacobian.norm()), name
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the hint was the optimum's support, yet the solver enumerated")
+
+    monkeypatch.setattr(simplex, "supports", refuse)
+    for name, answer in exact.items():
+        right = simplex.support_of(answer, lower[name])
+        if name == "cagrad" and not bool((answer @ gramian @ answer) > 0):
+            continue  # g_w = 0: only the enumeration's min-norm candidates cover it
+        assert torch.allclose(solve[name](right) @ jacobian, answer @ jacobian, rtol=1e-7, atol=1e-9 * jacobian.norm()), name
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "cagrad"])
+def test_hints_are_kept_across_steps_and_in_checkpoints(name: str) -> None:
+    """A surgery remembers its last support; a fresh instance (no hint) and one restored
+    from the state dict agree with it on the next, slightly different, Jacobian."""
+    jacobian = random_jacobian(6, 30, seed=21)
+    surgery = make(name, 6)
+    surgery(jacobian)
+    assert isinstance(surgery, GramianWeighting) and surgery.support is not None
+    restored = make(name, 6)
+    restored.load_state_dict(surgery.state_dict())
+    assert torch.equal(restored.support, surgery.support)
+    nudged = jacobian + 1e-3 * random_jacobian(6, 30, seed=22)
+    direction = surgery(nudged)
+    assert torch.allclose(direction, make(name, 6)(nudged), rtol=1e-7, atol=1e-9)
+    assert torch.equal(restored(nudged), direction)
 
 
 # ------------------------------------------------------------------------- pcgrad
@@ -416,17 +478,22 @@ def test_both_spaces_agree_where_the_weights_do(scenes_batch, one_thread: None) 
     assert torch.allclose(in_params, in_features, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("name", [*MINE, "gradvac", "nash_mtl"])
 def test_no_host_sync_per_step(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU nothing is read back per step. Without one, the tensors are made to look
+    device-resident (the solvers' CPU-only shortcuts read flags, which costs nothing on
+    the CPU) and every host read fails the test."""
     jacobian = random_jacobian(4, 10, seed=50).float()
     losses = torch.ones(4)
     surgery = make(name, 4)
-    surgery(jacobian, losses)  # warm caches (support masks)
+    surgery(jacobian, losses)  # warm caches (support masks) and hints
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"surgery={name} reads a tensor back to the host per step")
 
     with monkeypatch.context() as patch:
+        for module in (simplex, nash_mtl):
+            patch.setattr(module, "host_resident", lambda tensor: False)
         for attr in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
             patch.setattr(torch.Tensor, attr, refuse)
         surgery(jacobian, losses)

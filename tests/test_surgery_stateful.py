@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from mtl_runner.cli import CONF_DIR
+from mtl_runner.optim.surgery import nash_mtl
 from mtl_runner.optim.surgery.base import Surgery
 from mtl_runner.optim.surgery.graddrop import GradDrop
 from mtl_runner.optim.surgery.gradvac import GradVac
@@ -157,6 +158,16 @@ def test_nash_solution_satisfies_the_bargaining_equations(num_tasks: int) -> Non
     products = alpha * (jacobian @ jacobian.T @ alpha)  # alpha_i (M alpha)_i, i.e. alpha_i g_i . d
     assert torch.allclose(products, torch.ones_like(products), atol=1e-6)
     assert torch.allclose(d, alpha @ jacobian)
+
+
+@pytest.mark.parametrize("num_tasks", [3, 10])
+def test_nash_stops_early_on_the_cpu_with_the_full_loops_result(num_tasks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once Newton no longer moves, later iterations repeat themselves: stopping there
+    (on the CPU) gives exactly what all ``optim_niter`` iterations give (on a GPU)."""
+    jacobian = rows(num_tasks, 40, seed=30 + num_tasks)
+    early = make("nash_mtl", num_tasks, optim_niter=40)(jacobian)
+    monkeypatch.setattr(nash_mtl, "host_resident", lambda tensor: False)
+    assert torch.equal(make("nash_mtl", num_tasks, optim_niter=40)(jacobian), early)
 
 
 def test_nash_direction_is_invariant_to_each_task_scale() -> None:

@@ -75,9 +75,26 @@ class Surgery:
 
 
 class GramianWeighting(Surgery):
-    """A surgery method whose direction is ``weights(J J^T) @ J``."""
+    """A surgery method whose direction is ``weights(J J^T) @ J``.
+
+    ``support``: the support (free set) of the last exact solve, for methods whose
+    solver tries it first on the CPU (:mod:`simplex`); saved in checkpoints, so that a
+    resumed run takes the same path as the run it continues.
+    """
 
     is_row_weighting = True
+    support: Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"support": None if self.support is None else self.support.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        support = state.get("support")  # absent from checkpoints of earlier versions
+        self.support = None if support is None else support.clone()
+
+    def hint(self, shape: tuple[int, ...]) -> Tensor | None:
+        """The last support, if it fits this solve's shape (else nothing to try)."""
+        return self.support if self.support is not None and tuple(self.support.shape) == shape else None
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         """``(T, T)`` Gramian (and optionally the losses) to ``(T,)`` row weights."""

@@ -66,22 +66,27 @@ class GradVac(GramianWeighting):
         if num_tasks == 1:
             return coefficients[0] * finite
         rows = torch.arange(num_tasks, device=gramian.device)
-        norms_j_all = gramian.diagonal().clamp_min(0).sqrt()
-        for j in self.orders_of_others(num_tasks, gramian.device).T:  # one position of every order
+        orders = self.orders_of_others(num_tasks, gramian.device).T  # (T - 1, T): position k of every order
+        norms = gramian.diagonal().clamp_min(0).sqrt()
+        # Each pair (i, j) is visited once per call, so its target can be read up front
+        # and written back after the loop (fewer tiny ops per position).
+        pair_targets = targets[orders, rows].to(gramian.dtype)
+        bounded = pair_targets.clamp(-1 + TARGET_MARGIN, 1 - TARGET_MARGIN)
+        root_targets = (1 - bounded**2).sqrt()
+        cosines = torch.empty_like(pair_targets)
+        defined = torch.empty_like(pair_targets, dtype=torch.bool)
+        for k, j in enumerate(orders):
             inner = (coefficients * gramian[j]).sum(1)  # g_i' . g_j for every i
             norm_i = ((coefficients @ gramian) * coefficients).sum(1).clamp_min(0).sqrt()
-            norm_j = norms_j_all[j]
-            defined = (norm_i > 0) & (norm_j > 0)
-            cosine = (inner / torch.where(defined, norm_i * norm_j, 1)).clamp(-1, 1)
-            target = targets[rows, j].to(gramian.dtype)
-            bounded = target.clamp(-1 + TARGET_MARGIN, 1 - TARGET_MARGIN)
-            root_target = (1 - bounded**2).sqrt()
-            shift = norm_i * (bounded * (1 - cosine**2).sqrt() - cosine * root_target)
-            shift = shift / torch.where(defined, norm_j * root_target, 1)
-            adjust = defined & (cosine < target)
+            scale = norm_i * norms[j]
+            ok = defined[k] = scale > 0
+            cosine = cosines[k] = (inner / torch.where(ok, scale, 1)).clamp(-1, 1)
+            gap = bounded[k] * (1 - cosine**2).sqrt() - cosine * root_targets[k]
+            shift = norm_i * gap / torch.where(ok, norms[j] * root_targets[k], 1)
+            adjust = ok & (cosine < pair_targets[k])
             coefficients = coefficients.index_put((rows, j), torch.where(adjust, shift, 0), accumulate=True)
-            updated = (1 - self.beta) * target + self.beta * cosine
-            targets = targets.index_put((rows, j), torch.where(defined, updated, target).to(targets.dtype))
+        updated = torch.where(defined, (1 - self.beta) * pair_targets + self.beta * cosines, pair_targets)
+        targets = targets.index_put((orders, rows.expand_as(orders)), updated.to(targets.dtype))
         self.targets = targets
         return coefficients.sum(0) * finite
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting, Space
-from mtl_runner.optim.surgery.simplex import min_norm_weights, without_nonfinite
+from mtl_runner.optim.surgery.simplex import min_norm_weights, support_of, without_nonfinite
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 
@@ -39,7 +39,8 @@ class MGDA(GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         gramian, finite = without_nonfinite(gramian)
         scale = self._scale(gramian, losses)
-        convex = min_norm_weights(scale[:, None] * gramian * scale[None, :])
+        convex = min_norm_weights(scale[:, None] * gramian * scale[None, :], self.hint(tuple(scale.shape)))
+        self.support = support_of(convex)
         return gramian.shape[0] * convex * finite
 
     def _scale(self, gramian: Tensor, losses: Tensor | None) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting, Space
-from mtl_runner.optim.surgery.simplex import without_nonfinite
+from mtl_runner.optim.surgery.simplex import host_resident, without_nonfinite
 
 #: Step sizes tried at once by the line search of each Newton iteration (1, 1/2, ...).
 LINE_SEARCH_STEPS = 24
@@ -27,7 +27,7 @@ class NashMTL(GramianWeighting):
     search over ``1, 1/2, ..., 2^-23`` that keeps ``a > 0`` and never increases ``F``,
     warm-started from the previous solution, on ``G = M / ||M||_F`` (``alpha = a /
     sqrt(||M||_F)``). Fixed-shape torch code on the Gramian's device: no host solver and
-    no synchronisation. This replaces the paper's sequence of convex approximations
+    no synchronisation (on the CPU the loop stops once ``a`` no longer moves). This replaces the paper's sequence of convex approximations
     (CCP, each step a conic program solved by cvxpy/ECOS on the host): the same
     solution, reached by another route; ``optim_niter`` counts Newton steps instead
     of CCP steps (default 10, not the authors' 20: Newton converges quadratically and
@@ -117,8 +117,13 @@ def _potential(gramian: Tensor, a: Tensor) -> Tensor:
 
 
 def _newton(gramian: Tensor, a: Tensor, iterations: int) -> Tensor:
-    """Newton's method on :func:`_potential` from ``a > 0``, fixed number of steps."""
+    """Newton's method on :func:`_potential` from ``a > 0``, at most ``iterations`` steps.
+
+    Once no step size decreases ``F`` ("no move" wins), every later iteration would
+    repeat the same computation on the same ``a``; on the CPU, where reading that back
+    costs nothing, the loop stops there, with the same result as running on."""
     steps = 0.5 ** torch.arange(LINE_SEARCH_STEPS, dtype=gramian.dtype, device=gramian.device)
+    stop_early = host_resident(gramian)
     for _ in range(iterations):
         gradient = gramian @ a - 1 / a
         hessian = gramian + torch.diag(a.pow(-2))
@@ -126,5 +131,8 @@ def _newton(gramian: Tensor, a: Tensor, iterations: int) -> Tensor:
         candidates = torch.cat([a[None], a + steps[:, None] * direction])  # "no move" always competes
         values = _potential(gramian, candidates)
         values = torch.where(torch.isfinite(values), values, torch.full_like(values, float("inf")))
-        a = candidates[values.argmin()]
+        best = values.argmin()
+        if stop_early and int(best) == 0:
+            break
+        a = candidates[best]
     return a

@@ -14,14 +14,21 @@ fixed-shape tensor code:
 - beyond that (``2^T`` grows too fast), by accelerated projected gradient with a fixed
   number of iterations (no data-dependent stopping, so no host synchronisation).
 
-Singular Gramians (identical or zero rows) are handled by a ridge of one unit of
-round-off of each diagonal entry, which keeps every system solvable and changes the
-result at the dtype's precision.
+On the CPU, where reading a value back waits for no device (:func:`host_resident`), each
+solver starts from the support of the previous step's solution instead (``hint``:
+consecutive Gramians of a training run are close, so it is usually optimal or nearly):
+block principal pivoting (Judice & Pires 1994) in float64, i.e. solve on the support,
+move every entry that violates the KKT conditions to the other side, repeat, at most
+:data:`PIVOTS` times. A convex problem's KKT point is its optimum, so the result is the
+enumeration's answer (more accurate, being float64); a row that does not settle falls
+back to the enumeration. On a GPU the enumeration runs every step (a handful of batched
+kernels), so nothing waits on the device.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from collections.abc import Callable
+from functools import lru_cache, partial
 
 import torch
 from torch import Tensor
@@ -30,6 +37,8 @@ from torch import Tensor
 MAX_EXACT_TASKS = 12
 #: Iterations of the projected-gradient fallback for T > MAX_EXACT_TASKS.
 FALLBACK_ITERATIONS = 500
+#: Pivoting steps from a hinted support before the enumeration takes over.
+PIVOTS = 6
 
 
 def ridge(gramian: Tensor) -> Tensor:
@@ -40,6 +49,42 @@ def ridge(gramian: Tensor) -> Tensor:
     diagonal = gramian.diagonal(dim1=-2, dim2=-1)
     delta = eps * diagonal + eps**2 * diagonal.mean(-1, keepdim=True) + torch.finfo(gramian.dtype).tiny ** 0.5
     return gramian + torch.diag_embed(delta)
+
+
+def host_resident(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is in host memory, where a data-dependent branch (reading a
+    flag back) waits for nothing; on a GPU it would synchronise the device."""
+    return tensor.device.type == "cpu"
+
+
+def support_of(solution: Tensor, lower: Tensor | float = 0.0) -> Tensor:
+    """Where a solution is strictly above its bound: the support (free set) to hint to
+    the next solve."""
+    return solution > lower
+
+
+def _kkt_tolerance(solution: Tensor, gramian: Tensor) -> Tensor:
+    """Round-off allowance of the entries of ``solution @ gramian`` (per entry, from the
+    magnitudes that were summed)."""
+    return 1e3 * torch.finfo(gramian.dtype).eps * (solution.abs() @ gramian.abs())
+
+
+def _pivot(step: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], free: Tensor) -> tuple[Tensor, Tensor]:
+    """Block principal pivoting from the hinted supports ``free`` (rows ``(R, T)``).
+    ``step(free)`` gives each row's solution on its support, which entries violate the
+    KKT conditions (in the support but past its bound, or out of it with a negative
+    multiplier), and whether the row's system was solvable. Violating entries switch
+    sides until no row has one, at most :data:`PIVOTS` times (or until a row cannot
+    move: unsolvable with nothing to switch). Returns the last solutions and which rows
+    are optimal."""
+    for _ in range(PIVOTS):
+        solution, violated, solved = step(free)
+        optimal = solved & ~violated.any(-1)
+        stuck = ~optimal & ~violated.any(-1)
+        if bool(optimal.all()) or bool(stuck.any()):
+            break
+        free = free ^ violated
+    return solution, optimal
 
 
 def without_nonfinite(gramian: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,12 +112,14 @@ def _system_masks(mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return inside, outside
 
 
-def solve_on_support(gramian: Tensor, mask: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
-    """For each support ``S`` (rows of ``mask``, ``(K, T)``, from :func:`supports`): ``x``
-    with ``M_SS x_S = rhs_S`` and ``x = rhs`` off ``S`` (those rows of the system are the
+def solve_on_support(gramian: Tensor, mask: Tensor, rhs: Tensor, *, static: bool = True) -> tuple[Tensor, Tensor]:
+    """For each support ``S`` (rows of ``mask``, ``(K, T)``): ``x`` with
+    ``M_SS x_S = rhs_S`` and ``x = rhs`` off ``S`` (those rows of the system are the
     identity), for ``rhs`` of shape ``(K, T, R)``; and whether the solve succeeded
-    (``(K,)``)."""
-    inside, outside = _system_masks(mask, gramian.dtype)
+    (``(K,)``). ``static``: ``mask`` is a cached one from :func:`supports` (its system
+    masks are cached too); a hint changes every step and is not cached."""
+    masks = _system_masks if static else _system_masks.__wrapped__
+    inside, outside = masks(mask, gramian.dtype)
     systems = torch.addcmul(outside, inside, ridge(gramian))
     solution, info = torch.linalg.solve_ex(systems, rhs)
     return solution, info == 0
@@ -102,18 +149,35 @@ def _best(candidates: Tensor, objective: Tensor, valid: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ min norm in the hull
-def min_norm_weights(gramian: Tensor) -> Tensor:
+def min_norm_weights(gramian: Tensor, hint: Tensor | None = None) -> Tensor:
     """``argmin_{w in simplex} w^T M w``: the convex weights of the minimum-norm point of
-    the convex hull of the rows (MGDA's subproblem)."""
+    the convex hull of the rows (MGDA's subproblem). ``hint``: a support ``(T,)`` to try
+    first (see the module docstring)."""
     num_tasks = gramian.shape[0]
     if num_tasks > MAX_EXACT_TASKS:
         return _min_norm_projected_gradient(gramian)
+    if hint is not None and host_resident(gramian):
+        w, optimal = _pivot(partial(_min_norm_on, gramian.double()), hint[None])
+        if bool(optimal.all()):
+            return w[0].to(gramian.dtype)
     mask = supports(num_tasks, gramian.device)
     ones = mask.to(gramian.dtype)[..., None]
     z, solved = solve_on_support(gramian, mask, ones)  # w_S proportional to (M_SS)^-1 1
     candidates, feasible = _onto_simplex_face(z[..., 0], mask)
     objective = ((candidates @ gramian) * candidates).sum(-1)
     return _best(candidates, objective, solved & feasible)
+
+
+def _min_norm_on(gramian: Tensor, support: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_pivot`'s step for the min-norm problem: ``w`` proportional to
+    ``M_SS^-1 1`` on the support; KKT: ``w >= 0`` and ``(M w)_j >= w^T M w`` off it."""
+    z, solved = solve_on_support(gramian, support, support[..., None].to(gramian.dtype), static=False)
+    total = z[..., 0].sum(-1, keepdim=True)
+    w = z[..., 0] / total
+    gradient = w @ gramian
+    slack = gradient - (gradient * w).sum(-1, keepdim=True) + _kkt_tolerance(w, gramian)
+    violated = torch.where(support, w < -1e3 * torch.finfo(gramian.dtype).eps, slack < 0)
+    return w.clamp_min(0), violated, solved & (total[:, 0] > 0) & support.any(-1)
 
 
 def _onto_simplex_face(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,15 +203,40 @@ def _min_norm_projected_gradient(gramian: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------- dual-cone projection
-def dual_cone_weights(gramian: Tensor, lower: Tensor) -> Tensor:
+def dual_cone_weights(gramian: Tensor, lower: Tensor, hint: Tensor | None = None) -> Tensor:
     """For each row ``u`` of ``lower`` (``(R, T)``), ``argmin_{v >= u} v^T M v``.
 
     With ``M = J J^T`` and ``g = J^T u``, ``J^T v`` is the Euclidean projection of ``g``
     onto the dual cone ``{x : J x >= 0}`` (Quinton & Rey 2024, Proposition 1), so the
-    projection is found from the Gramian alone."""
+    projection is found from the Gramian alone. ``hint``: free sets ``(R, T)`` to try
+    first (see the module docstring); rows whose hint fails are enumerated."""
     num_tasks = gramian.shape[0]
     if num_tasks > MAX_EXACT_TASKS:
         return _dual_cone_projected_gradient(gramian, lower)
+    if hint is not None and host_resident(gramian):
+        v, optimal = _pivot(partial(_dual_cone_on, gramian.double(), lower.double()), hint)
+        v = v.to(gramian.dtype)
+        if bool(optimal.all()):
+            return v
+        return v.index_put((~optimal,), _dual_cone_enumerated(gramian, lower[~optimal]))
+    return _dual_cone_enumerated(gramian, lower)
+
+
+def _dual_cone_on(gramian: Tensor, lower: Tensor, free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_pivot`'s step for the dual cone: each row's solution on its free set
+    (``v = u`` off it); KKT: ``v >= u`` on the free set and the bounds' multipliers
+    ``(M v)_j`` non-negative off it."""
+    pinned = lower * ~free
+    rhs = torch.where(free, -(pinned @ gramian), pinned)
+    solution, solved = solve_on_support(gramian, free, rhs[..., None], static=False)
+    v = solution[..., 0]
+    below = v < lower - 1e3 * torch.finfo(gramian.dtype).eps * (1 + lower.abs())
+    violated = torch.where(free, below, v @ gramian + _kkt_tolerance(v, gramian) < 0)
+    return torch.maximum(v, lower), violated, solved
+
+
+def _dual_cone_enumerated(gramian: Tensor, lower: Tensor) -> Tensor:
+    num_tasks = gramian.shape[0]
     free = supports(num_tasks, gramian.device, with_empty=True)  # empty: every bound active
     # On the free set F: M_FF v_F = -M_FA u_A; elsewhere v = u (identity rows).
     pinned = lower * ~free[:, None, :]  # (K, R, T)
@@ -174,7 +263,7 @@ def _dual_cone_projected_gradient(gramian: Tensor, lower: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- CAGrad
-def cagrad_weights(gramian: Tensor, radius: Tensor) -> Tensor:
+def cagrad_weights(gramian: Tensor, radius: Tensor, hint: Tensor | None = None) -> Tensor:
     """``argmin_{w in simplex} w^T M b + r sqrt(w^T M w)``, ``b = 1/T`` (CAGrad's dual,
     Liu et al. 2021, eq. 4 with ``r = c ||g0||``).
 
@@ -182,28 +271,72 @@ def cagrad_weights(gramian: Tensor, radius: Tensor) -> Tensor:
     ``(M b)_S + r M_SS w_S / n = nu 1`` with ``n = ||g_w||`` and ``sum w = 1`` give, with
     ``z = M_SS^-1 1`` and ``y = M_SS^-1 (M b)_S``, ``w_S = (nu z - y) / sqrt(disc)`` where
     ``nu`` solves ``s_z nu^2 - 2 s_y nu + y.(M b)_S - r^2 = 0`` (``s_* = sum``). The
-    min-norm candidates of the same supports are added, which covers ``g_w = 0``."""
+    min-norm candidates of the same supports are added, which covers ``g_w = 0``.
+    ``hint``: a support ``(T,)`` to try first (its stationary point, where ``g_w != 0``;
+    see the module docstring)."""
     num_tasks = gramian.shape[0]
     mean = torch.full((num_tasks,), 1 / num_tasks, dtype=gramian.dtype, device=gramian.device)
     toward_mean = gramian @ mean
     if num_tasks > MAX_EXACT_TASKS:
         return _cagrad_projected_gradient(gramian, toward_mean, radius)
+    if hint is not None and host_resident(gramian):
+        step = partial(_cagrad_on, gramian.double(), toward_mean.double(), radius.double())
+        w, optimal = _pivot(step, hint[None])
+        if bool(optimal.all()):
+            return w[0].to(gramian.dtype)
     mask = supports(num_tasks, gramian.device)
-    rhs = torch.stack([torch.ones_like(mean), toward_mean], -1) * mask[..., None]
-    solution, solved = solve_on_support(gramian, mask, rhs)
+    stationary, feasible, min_norm, min_norm_feasible = _cagrad_candidates(gramian, toward_mean, radius, mask)
+    candidates = torch.cat([stationary, min_norm])
+    valid = torch.cat([feasible, min_norm_feasible])
+    norms = ((candidates @ gramian) * candidates).sum(-1).clamp_min(0).sqrt()
+    objective = candidates @ toward_mean + radius * norms
+    return _best(candidates, objective, valid)
+
+
+def _cagrad_on(gramian: Tensor, toward_mean: Tensor, radius: Tensor, support: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_pivot`'s step for CAGrad: the support's stationary point (``g_w != 0``);
+    KKT: ``w >= 0``, and the gradient ``M b + r M w / ||g_w||`` off the support no
+    smaller than on it (where it is equal)."""
+    rhs = torch.stack([torch.ones_like(toward_mean), toward_mean], -1) * support[..., None]
+    solution, solved = solve_on_support(gramian, support, rhs, static=False)
+    w, valid = _cagrad_stationary(solution, toward_mean, radius)
+    gw = w @ gramian
+    squared = (gw * w).sum(-1, keepdim=True)
+    norm = squared.clamp_min(0).sqrt()
+    eps, floor = torch.finfo(gramian.dtype).eps, torch.finfo(gramian.dtype).tiny
+    # g_w = 0 to round-off (w sums to 1, so against the largest squared row norm) is
+    # the min-norm regime, where the objective has no gradient: the enumeration's case.
+    away_from_zero = squared[:, 0] > 1e3 * eps * gramian.diagonal().max()
+    gradient = toward_mean + radius * gw / norm.clamp_min(floor)
+    allowance = _kkt_tolerance(w, gramian) * (1 + radius / norm.clamp_min(floor))
+    slack = gradient - (gradient * w).sum(-1, keepdim=True) + allowance
+    violated = torch.where(support, w < -1e3 * eps, slack < 0)
+    return w.clamp_min(0), violated, solved & valid & away_from_zero & support.any(-1)
+
+
+def _cagrad_stationary(solution: Tensor, toward_mean: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    """Each support's stationary point from ``[z, y] = M_SS^-1 [1, M b]`` (zero off the
+    support), before clipping to the simplex, and whether its quadratic has a root."""
     z, y = solution[..., 0], solution[..., 1]
     s_z, s_y = z.sum(-1), y.sum(-1)
     q = (y * toward_mean).sum(-1)
     disc = s_y**2 - s_z * (q - radius**2)
     root = disc.clamp_min(0).sqrt()
     nu = (s_y + root) / s_z
-    stationary, feasible = _onto_simplex_face((nu[:, None] * z - y) / root[:, None], mask)
-    min_norm, min_norm_feasible = _onto_simplex_face(z, mask)
-    candidates = torch.cat([stationary, min_norm])
-    valid = torch.cat([feasible & (disc > 0) & solved, min_norm_feasible & solved])
-    norms = ((candidates @ gramian) * candidates).sum(-1).clamp_min(0).sqrt()
-    objective = candidates @ toward_mean + radius * norms
-    return _best(candidates, objective, valid)
+    return (nu[:, None] * z - y) / root[:, None], disc > 0
+
+
+def _cagrad_candidates(
+    gramian: Tensor, toward_mean: Tensor, radius: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per support (rows of ``mask``): the stationary point and whether it is valid
+    (solvable, real, on the simplex), and the min-norm point and whether it is."""
+    rhs = torch.stack([torch.ones_like(toward_mean), toward_mean], -1) * mask[..., None]
+    solution, solved = solve_on_support(gramian, mask, rhs)
+    raw, real = _cagrad_stationary(solution, toward_mean, radius)
+    stationary, feasible = _onto_simplex_face(raw, mask)
+    min_norm, min_norm_feasible = _onto_simplex_face(solution[..., 0], mask)
+    return stationary, feasible & real & solved, min_norm, min_norm_feasible & solved
 
 
 def _cagrad_projected_gradient(gramian: Tensor, toward_mean: Tensor, radius: Tensor) -> Tensor:

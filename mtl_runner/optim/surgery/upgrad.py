@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting
-from mtl_runner.optim.surgery.simplex import dual_cone_weights, without_nonfinite
+from mtl_runner.optim.surgery.simplex import dual_cone_weights, support_of, without_nonfinite
 
 
 class UPGrad(GramianWeighting):
@@ -28,4 +28,6 @@ class UPGrad(GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         gramian, finite = without_nonfinite(gramian)
         identity = torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
-        return dual_cone_weights(gramian, identity).sum(0) * finite
+        projections = dual_cone_weights(gramian, identity, self.hint(tuple(identity.shape)))
+        self.support = support_of(projections, identity)
+        return projections.sum(0) * finite
