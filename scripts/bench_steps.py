@@ -34,7 +34,7 @@ import copy
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -89,7 +89,9 @@ class BenchModel(SharingModel):
     def encode(self, x: Tensor) -> Tensor:
         return self.encoder(x)
 
-    def decode(self, features: Tensor) -> dict[str, Tensor]:
+    def decode(self, features: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if isinstance(features, Mapping):
+            return {name: head(features[name]) for name, head in self.heads.items()}
         return {name: head(features) for name, head in self.heads.items()}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -295,7 +297,13 @@ def unsettled(column: Column) -> bool:
     """Whether the column's engine is still timing its Jacobian strategies (``auto``):
     warm-up goes on until it has settled, so that timed steps measure the chosen path."""
     engine = column.engine
-    return engine is not None and engine.surgery.needs_jacobian and engine.strategy == "auto"
+    return engine is not None and uses_strategy(engine) and engine.strategy == "auto"
+
+
+def uses_strategy(engine: GradientEngine) -> bool:
+    """Whether the Jacobian strategy matters: params-space surgery (the features space
+    takes one pass through the heads whatever it is)."""
+    return engine.surgery.needs_jacobian and engine.surgery.space == "params"
 
 
 def median(column: Column) -> float:
@@ -346,7 +354,7 @@ def report(console: Console, workload: Workload, device: torch.device, columns: 
         ours = median(column)
         theirs = median(column.torchjd) if column.torchjd is not None else None
         engine = column.engine
-        strategy = str(engine.strategy) if engine is not None and engine.surgery.needs_jacobian else ""
+        strategy = str(engine.strategy) if engine is not None and uses_strategy(engine) else ""
         table.add_row(
             name, f"{ours:.2f}", ratio(ours, plain), ratio(ours, uniform), ratio(ours, sequential), strategy,
             "" if theirs is None else f"{theirs:.2f}", ratio(ours, theirs),

@@ -8,7 +8,7 @@ Per step the engine decides how much gradient information it needs:
   ``T`` short backward passes that stop at that layer, then the fast path;
 - the Jacobian ``J`` (``T x P``) of the shared parameters. With one shared
   representation ``z`` (``sharing=hard``) the forward splits at ``z`` as in the
-  features space: per-task passes through the heads give the rows of ``z``, and the
+  features space: one pass through the heads gives the rows of ``z``, and the
   encoder turns them into ``J`` in one vectorised backward over the ``T`` rows
   (``batched``, ``is_grads_batched``) or ``T`` passes (``sequential``), as torchjd's
   ``mtl_backward`` does; other models take ``T`` passes (or one batched pass) through
@@ -18,8 +18,10 @@ Per step the engine decides how much gradient information it needs:
   representation ``z`` per task (cheap: they stop at ``z``), the surgery's row weights
   from their ``T x T`` Gramian, then one weighted backward through the encoder.
 
-A per-task pass starts at the task's own loss (a gradient edge of the ``torch.stack``
-that made the loss vector), so it runs only its own head's backward. A row-weighting
+At the split every head gets its own detached copy of ``z`` (no copy of the data), so
+one backward pass of the summed losses gives every task's row of ``z`` and its head's
+gradients. Without a split, a per-task pass starts at the task's own loss (a gradient
+edge of the ``torch.stack`` that made the loss vector), so it runs only its own head. A row-weighting
 surgery (:class:`GramianWeighting`) runs on the unweighted ``J`` without ``T x P``
 temporaries (see :meth:`GradientEngine._direction`); rows go straight into one
 ``(T, P)`` buffer and ``.grad`` gets views of the direction.
@@ -100,7 +102,7 @@ class GradientEngine:
         self.strategy: Strategy = strategy
         self._timings: dict[str, list[float]] = {"batched": [], "sequential": []}
         self._batched_ok = False
-        self._features: tuple[Tensor, Tensor] | None = None
+        self._features: tuple[Tensor, dict[str, Tensor]] | None = None
         self._loss_scale: float | None = None
         self._z: Tensor | None = None
         self.balancer_params = [p for p in balancer.parameters() if p.requires_grad]
@@ -128,15 +130,17 @@ class GradientEngine:
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """The model's forward; in the features space ``z`` is detached so that per-task
         gradients stop there. In the params space the same split serves a model with one
-        shared representation whenever the step will need the Jacobian: the per-task
-        passes through the heads stop at ``z``, and one pass through the encoder (batched
-        over the ``T`` rows) gives ``J``, as torchjd's ``mtl_backward`` does."""
+        shared representation whenever the step will need the Jacobian: the pass through
+        the heads stops at ``z``, and the encoder (one pass batched over the ``T`` rows,
+        or ``T`` passes) gives ``J``, as torchjd's ``mtl_backward`` does."""
         if not (self.features_space or self._splits_params()):
             return self.model(x)
         z = self.model.encode(x)
-        z_leaf = z.detach().requires_grad_(True)
-        self._features = (z, z_leaf)
-        return self.model.decode(z_leaf)
+        # One detached copy per head (sharing z's storage): each reaches only its own
+        # task's loss, so one backward pass of the summed losses gives every row.
+        leaves = {name: z.detach().requires_grad_(True) for name in self.model.task_names}
+        self._features = (z, leaves)
+        return self.model.decode(leaves)
 
     def _splits_params(self) -> bool:
         return (
@@ -207,9 +211,11 @@ class GradientEngine:
             total = total * self._loss_scale
         total.backward()
         if self._features is not None:
-            z, z_leaf = self._features
-            z.backward(z_leaf.grad)
+            z, leaves = self._features
             self._features = None
+            grads = [leaf.grad for leaf in leaves.values() if leaf.grad is not None]
+            if grads:
+                z.backward(torch.stack(grads).sum(0))
         if self._loss_scale is not None:
             self._unscale_grads(self.model.parameters())
         if self.distributed is not None:
@@ -237,10 +243,10 @@ class GradientEngine:
 
     def _features_backward(self, losses: Tensor, weights: Tensor, extra: Tensor | None) -> StepGradients:
         assert self._features is not None
-        z, z_leaf = self._features
+        z, leaves = self._features
         self._features = None
         self._z = z
-        jacobian, head_grads = self._rows(losses, [z_leaf], with_heads=True, retain=True)
+        jacobian, head_grads = self._unscaled(*self._leaf_rows(losses, leaves))
         # Surgery.__init__ admits space=features only for GramianWeighting methods, whose
         # call is weights(rows @ rows.T) @ rows (dropping non-finite rows, setting last_weights).
         direction = self._direction(jacobian, weights)
@@ -325,22 +331,25 @@ class GradientEngine:
         task's gradients of its own head parameters (when ``with_heads``). ``retain``:
         keep the graph for a later backward (else the passes free it as they go).
 
-        ``through=(z, z_leaf)`` (the params-space split): the per-task passes stop at the
-        detached representation ``z_leaf``, and its rows are then carried through the
-        encoder ``z -> targets`` (the part the strategy decides: one batched pass or
-        ``T`` passes)."""
+        ``through=(z, leaves)`` (the params-space split): the rows of the representation
+        come from one pass through the heads (:meth:`_leaf_rows`) and are then carried
+        through the encoder ``z -> targets`` (the part the strategy decides: one batched
+        pass or ``T`` passes)."""
         strategy = self._choose()
         start = self._clock() if self.strategy == "auto" else None
-        scale = self._loss_scale
         if through is None:
-            result = self._task_rows(losses, targets, with_heads, retain, strategy, scale)
+            result = self._task_rows(losses, targets, with_heads, retain, strategy, self._loss_scale)
         else:
-            z, z_leaf = through
-            z_rows, head_grads = self._task_rows(losses, [z_leaf], with_heads, True, strategy, scale)
+            z, leaves = through
+            z_rows, head_grads = self._leaf_rows(losses, leaves)
             result = (self._encoder_rows(z, z_rows, targets, retain, strategy), head_grads)
         if start is not None:
             self._timings[strategy].append(self._clock() - start)
-        jacobian, head_grads = result
+        return self._unscaled(*result)
+
+    def _unscaled(self, jacobian: Tensor, head_grads: list[list[Tensor | None]]) -> tuple[Tensor, list[list[Tensor | None]]]:
+        """Rows and head gradients of the true losses (fp16 training scales them)."""
+        scale = self._loss_scale
         if scale is not None:
             # Both are this step's own tensors: unscale in place.
             jacobian.div_(scale)
@@ -374,6 +383,26 @@ class GradientEngine:
                 # Some ops have no batching rule for vmap; sequential always works.
                 self.strategy = "sequential"
         return self._rows_sequential(list(losses), losses, targets, with_heads, retain, None)
+
+    def _leaf_rows(self, losses: Tensor, leaves: dict[str, Tensor]) -> tuple[Tensor, list[list[Tensor | None]]]:
+        """Each task's gradient of its own copy of the representation (the rows, ``(T,
+        z.numel())``) and of its head's parameters, from one backward pass of the summed
+        losses: each copy and each head reaches only its own task's loss, so the sum
+        separates them exactly, and the autograd engine runs once instead of ``T`` times."""
+        names = list(self.task_params)
+        heads = [self.task_params[name] for name in names]
+        total = losses.sum() if self._loss_scale is None else losses.sum() * self._loss_scale
+        grads = torch.autograd.grad(
+            total, [leaves[name] for name in names] + [p for params in heads for p in params], allow_unused=True
+        )
+        z_rows = _empty_rows(len(names), [leaves[names[0]]])
+        for t, g in enumerate(grads[: len(names)]):
+            _write_row(z_rows[t], (g,), [leaves[names[t]]])
+        head_grads, offset = [], len(names)
+        for params in heads:
+            head_grads.append(list(grads[offset : offset + len(params)]))
+            offset += len(params)
+        return z_rows, head_grads
 
     def _encoder_rows(self, z: Tensor, z_rows: Tensor, targets: list[Tensor], retain: bool, strategy: str) -> Tensor:
         """``J`` of ``targets`` from the rows of the representation: ``T`` vector-Jacobian

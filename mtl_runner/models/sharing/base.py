@@ -19,7 +19,7 @@ reaches are that task's own, even where a penalty couples them (``soft``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,7 +53,10 @@ class SharingModel(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no single shared representation")
 
-    def decode(self, features: Tensor) -> dict[str, Tensor]:
+    def decode(self, features: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Every head on the representation; a mapping ``{task: features}`` gives each
+        head its own copy (the engine's per-task leaves: one backward pass then yields
+        every task's gradient of the representation)."""
         raise NotImplementedError(f"{type(self).__name__} has no single shared representation")
 
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -21,7 +21,9 @@ class HardSharing(SharingModel):
     def encode(self, x: Tensor) -> Tensor:
         return self.encoder(x)
 
-    def decode(self, features: Tensor) -> dict[str, Tensor]:
+    def decode(self, features: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if isinstance(features, Mapping):
+            return {name: head(features[name]) for name, head in self.heads.items()}
         return {name: head(features) for name, head in self.heads.items()}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
