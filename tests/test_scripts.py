@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from rich.console import Console
 
-from scripts import balancer_scales, conflict_sweep
+from scripts import balancer_scales, bench_steps, conflict_sweep
 
 STEPS = 30
 
@@ -54,3 +58,21 @@ def test_balancer_scales_reads_every_task_of_every_balancer(tmp_path: Path) -> N
     uniform, _, gradnorm = results
     assert all(s.weight == 1 and s.weighted == pytest.approx(s.loss) for s in uniform.tasks.values())
     assert sum(s.weight for s in gradnorm.tasks.values()) == pytest.approx(3, rel=1e-4)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bench_steps_times_every_column_and_reports_each_target() -> None:
+    """The benchmark runs end to end on its smallest workload (one timed step per column):
+    a table row per column and a verdict per target, so the README's tables stay
+    reproducible after engine or model changes."""
+    args = argparse.Namespace(warmup=1, steps=1, rounds=1, jacobian="sequential", torchjd=True)
+    workload = bench_steps.mlp(3, torch.device("cpu"))
+    columns = bench_steps.run_workload(workload, ["none", "pcgrad", "graddrop"], args, torch.device("cpu"))
+    assert set(columns) == {"plain", "T x bwd", "none", "pcgrad", "pcgrad/feat", "graddrop"}
+    assert all(len(column.times_ms) == 1 for column in columns.values())
+    console = Console(width=132, record=True, file=io.StringIO())
+    lines = bench_steps.report(console, workload, torch.device("cpu"), columns)
+    assert any(line.startswith("mlp3: none within 5% of plain") for line in lines)
+    assert any("pcgrad/feat vs uniform" in line for line in lines)
+    assert any("graddrop (params) vs T x bwd" in line for line in lines)
+    assert "pcgrad" in console.export_text()

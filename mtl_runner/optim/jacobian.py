@@ -52,7 +52,7 @@ if _EDGES_AS_OUTPUTS:
     from torch.autograd.graph import GradientEdge
 else:  # pragma: no cover - older torch: per-task passes start from the stacked losses
     GradientEdge = tuple  # type: ignore[misc,assignment]
-AUTO_TRIALS = 2  # timed steps per candidate before auto settles
+AUTO_TRIALS = 3  # timed steps per candidate before auto settles
 
 
 @dataclass
@@ -426,13 +426,14 @@ class GradientEngine:
         return jacobian
 
     def _choose(self) -> str:
+        """``auto``: batched first (that call includes vmap's warm-up and is not compared),
+        then the two take turns, so that a burst of load on a shared machine hits both,
+        until each has :data:`AUTO_TRIALS` timed steps; the faster best time wins."""
         if self.strategy != "auto":
             return self.strategy
         batched, sequential = self._timings["batched"], self._timings["sequential"]
-        if len(batched) <= AUTO_TRIALS:  # the first batched call includes vmap warm-up
-            return "batched"
-        if len(sequential) < AUTO_TRIALS:
-            return "sequential"
+        if len(batched) + len(sequential) < 1 + 2 * AUTO_TRIALS:
+            return "batched" if len(batched) <= len(sequential) else "sequential"
         self.strategy = "batched" if min(batched[1:]) <= min(sequential) else "sequential"
         return self.strategy
 
