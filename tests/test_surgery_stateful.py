@@ -230,9 +230,10 @@ def test_each_method_trains_end_to_end(tmp_path: Path, one_thread: None) -> None
         assert results["status"] == "completed", name
 
 
-@pytest.mark.parametrize("name", ["gradvac", "nash_mtl"])
+@pytest.mark.parametrize("name", ["gradvac", "nash_mtl", "upgrad"])
 def test_resume_continues_the_state_exactly(tmp_path: Path, one_thread: None, name: str) -> None:
-    """One epoch, then resume for a second: the same results as two epochs straight."""
+    """One epoch, then resume for a second: the same results as two epochs straight
+    (upgrad: a solver that starts from the last step's support, see simplex.py)."""
     base = [*TINY, f"surgery={name}", *SMALLER, "trainer.lr_schedule=constant", "diagnostics.every_n_steps=0"]
     if name == "nash_mtl":
         base.append("surgery.update_weights_every=3")  # 2 steps per epoch: reuse spans the resume
