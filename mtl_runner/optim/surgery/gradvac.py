@@ -76,8 +76,9 @@ class GradVac(GramianWeighting):
         cosines = torch.empty_like(pair_targets)
         defined = torch.empty_like(pair_targets, dtype=torch.bool)
         for k, j in enumerate(orders):
-            inner = (coefficients * gramian[j]).sum(1)  # g_i' . g_j for every i
-            norm_i = ((coefficients @ gramian) * coefficients).sum(1).clamp_min(0).sqrt()
+            products = coefficients @ gramian  # row i: g_i' . g_t for every t
+            inner = products.gather(1, j[:, None])[:, 0]  # g_i' . g_j
+            norm_i = (products * coefficients).sum(1).clamp_min(0).sqrt()
             scale = norm_i * norms[j]
             ok = defined[k] = scale > 0
             cosine = cosines[k] = (inner / torch.where(ok, scale, 1)).clamp(-1, 1)
