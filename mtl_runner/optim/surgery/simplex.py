@@ -14,6 +14,10 @@ fixed-shape tensor code:
 - beyond that (``2^T`` grows too fast), by accelerated projected gradient with a fixed
   number of iterations (no data-dependent stopping, so no host synchronisation).
 
+Singular Gramians (identical or zero rows) are handled by a ridge of one unit of
+round-off of each diagonal entry, which keeps every system solvable and changes the
+result at the dtype's precision.
+
 On the CPU, where reading a value back waits for no device (:func:`host_resident`), each
 solver starts from the support of the previous step's solution instead (``hint``:
 consecutive Gramians of a training run are close, so it is usually optimal or nearly):
@@ -236,6 +240,7 @@ def _dual_cone_on(gramian: Tensor, lower: Tensor, free: Tensor) -> tuple[Tensor,
 
 
 def _dual_cone_enumerated(gramian: Tensor, lower: Tensor) -> Tensor:
+    """Every free set's solution for every row, the feasible one with the lowest objective."""
     num_tasks = gramian.shape[0]
     free = supports(num_tasks, gramian.device, with_empty=True)  # empty: every bound active
     # On the free set F: M_FF v_F = -M_FA u_A; elsewhere v = u (identity rows).
