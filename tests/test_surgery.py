@@ -150,6 +150,7 @@ def test_hinted_solves_give_the_enumerations_answer(jacobian: Tensor, monkeypatc
         for hint in _hints(size, tuple(right.shape), right):
             # Directions, not weights: with a singular Gramian the weights are not unique.
             assert torch.allclose(solve[name](hint) @ jacobian, answer @ jacobian, rtol=1e-7, atol=1e-9 * jacobian.norm()), name
+
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the hint was the optimum's support, yet the solver enumerated")
 
