@@ -73,20 +73,23 @@ class GradVac(GramianWeighting):
         pair_targets = targets[orders, rows].to(gramian.dtype)
         bounded = pair_targets.clamp(-1 + TARGET_MARGIN, 1 - TARGET_MARGIN)
         root_targets = (1 - bounded**2).sqrt()
-        cosines = torch.empty_like(pair_targets)
-        defined = torch.empty_like(pair_targets, dtype=torch.bool)
-        for k, j in enumerate(orders):
+        norms_j = norms[orders]
+        denominators = norms_j * root_targets
+        cosines, defined = [], []
+        per_position = zip(orders, norms_j, pair_targets, bounded, root_targets, denominators)
+        for j, norm_j, target, bound, root, denominator in per_position:
             products = coefficients @ gramian  # row i: g_i' . g_t for every t
             inner = products.gather(1, j[:, None])[:, 0]  # g_i' . g_j
             norm_i = (products * coefficients).sum(1).clamp_min(0).sqrt()
-            scale = norm_i * norms[j]
-            ok = defined[k] = scale > 0
-            cosine = cosines[k] = (inner / torch.where(ok, scale, 1)).clamp(-1, 1)
-            gap = bounded[k] * (1 - cosine**2).sqrt() - cosine * root_targets[k]
-            shift = norm_i * gap / torch.where(ok, norms[j] * root_targets[k], 1)
-            adjust = ok & (cosine < pair_targets[k])
-            coefficients = coefficients.index_put((rows, j), torch.where(adjust, shift, 0), accumulate=True)
-        updated = torch.where(defined, (1 - self.beta) * pair_targets + self.beta * cosines, pair_targets)
+            scale = norm_i * norm_j
+            ok = scale > 0
+            cosine = (inner / torch.where(ok, scale, 1)).clamp(-1, 1)
+            shift = norm_i * (bound * (1 - cosine**2).sqrt() - cosine * root) / torch.where(ok, denominator, 1)
+            coefficients = coefficients.index_put((rows, j), torch.where(ok & (cosine < target), shift, 0), accumulate=True)
+            cosines.append(cosine)
+            defined.append(ok)
+        moved = (1 - self.beta) * pair_targets + self.beta * torch.stack(cosines)
+        updated = torch.where(torch.stack(defined), moved, pair_targets)
         targets = targets.index_put((orders, rows.expand_as(orders)), updated.to(targets.dtype))
         self.targets = targets
         return coefficients.sum(0) * finite

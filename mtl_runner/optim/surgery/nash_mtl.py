@@ -27,8 +27,9 @@ class NashMTL(GramianWeighting):
     search over ``1, 1/2, ..., 2^-23`` that keeps ``a > 0`` and never increases ``F``,
     warm-started from the previous solution, on ``G = M / ||M||_F`` (``alpha = a /
     sqrt(||M||_F)``). Fixed-shape torch code on the Gramian's device: no host solver and
-    no synchronisation (on the CPU the loop stops once ``a`` no longer moves). This replaces the paper's sequence of convex approximations
-    (CCP, each step a conic program solved by cvxpy/ECOS on the host): the same
+    no synchronisation (on the CPU the loop stops once ``a`` no longer moves). This
+    replaces the paper's sequence of convex approximations (CCP, each step a conic
+    program solved by cvxpy/ECOS on the host): the same
     solution, reached by another route; ``optim_niter`` counts Newton steps instead
     of CCP steps (default 10, not the authors' 20: Newton converges quadratically and
     reached round-off within 8 steps from a cold start on random, badly scaled and
