@@ -67,10 +67,21 @@ def support_of(solution: Tensor, lower: Tensor | float = 0.0) -> Tensor:
     return solution > lower
 
 
+def _round_off(dtype: torch.dtype) -> float:
+    """The allowance for accumulated round-off in these small solves, relative to the
+    magnitudes involved: a thousand units of the dtype's precision."""
+    return 1e3 * torch.finfo(dtype).eps
+
+
+def _bound_tolerance(lower: Tensor) -> Tensor:
+    """How far below its bound ``v >= lower`` a solution may sit and still count as feasible."""
+    return _round_off(lower.dtype) * (1 + lower.abs())
+
+
 def _kkt_tolerance(solution: Tensor, gramian: Tensor) -> Tensor:
     """Round-off allowance of the entries of ``solution @ gramian`` (per entry, from the
     magnitudes that were summed)."""
-    return 1e3 * torch.finfo(gramian.dtype).eps * (solution.abs() @ gramian.abs())
+    return _round_off(gramian.dtype) * (solution.abs() @ gramian.abs())
 
 
 def _pivot(step: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], free: Tensor) -> tuple[Tensor, Tensor]:
@@ -180,7 +191,7 @@ def _min_norm_on(gramian: Tensor, support: Tensor) -> tuple[Tensor, Tensor, Tens
     w = z[..., 0] / total
     gradient = w @ gramian
     slack = gradient - (gradient * w).sum(-1, keepdim=True) + _kkt_tolerance(w, gramian)
-    violated = torch.where(support, w < -1e3 * torch.finfo(gramian.dtype).eps, slack < 0)
+    violated = torch.where(support, w < -_round_off(gramian.dtype), slack < 0)
     return w.clamp_min(0), violated, solved & (total[:, 0] > 0) & support.any(-1)
 
 
@@ -189,7 +200,7 @@ def _onto_simplex_face(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     each is feasible: no clearly negative entry, positive mass, finite."""
     total = x.sum(-1, keepdim=True)
     w = x / total
-    tolerance = 1e3 * torch.finfo(x.dtype).eps
+    tolerance = _round_off(x.dtype)
     feasible = (w >= -tolerance).all(-1) & (total[:, 0] > 0) & torch.isfinite(w).all(-1)
     w = w.clamp_min(0) * mask
     return w / w.sum(-1, keepdim=True), feasible
@@ -234,7 +245,7 @@ def _dual_cone_on(gramian: Tensor, lower: Tensor, free: Tensor) -> tuple[Tensor,
     rhs = torch.where(free, -(pinned @ gramian), pinned)
     solution, solved = solve_on_support(gramian, free, rhs[..., None], static=False)
     v = solution[..., 0]
-    below = v < lower - 1e3 * torch.finfo(gramian.dtype).eps * (1 + lower.abs())
+    below = v < lower - _bound_tolerance(lower)
     violated = torch.where(free, below, v @ gramian + _kkt_tolerance(v, gramian) < 0)
     return torch.maximum(v, lower), violated, solved
 
@@ -248,8 +259,7 @@ def _dual_cone_enumerated(gramian: Tensor, lower: Tensor) -> Tensor:
     rhs = torch.where(free[:, None, :], pinned @ -gramian, pinned).transpose(1, 2)  # M symmetric
     candidates, solved = solve_on_support(gramian, free, rhs)
     candidates = candidates.transpose(1, 2)  # (K, R, T)
-    tolerance = 1e3 * torch.finfo(gramian.dtype).eps * (1 + lower.abs())
-    feasible = (candidates >= lower - tolerance).all(-1) & solved[:, None]
+    feasible = (candidates >= lower - _bound_tolerance(lower)).all(-1) & solved[:, None]
     objective = ((candidates @ gramian) * candidates).sum(-1)  # (K, R)
     best = torch.where(feasible & torch.isfinite(objective), objective, torch.inf).argmin(0)  # (R,)
     chosen = candidates[best, torch.arange(lower.shape[0], device=gramian.device)]
@@ -308,14 +318,14 @@ def _cagrad_on(gramian: Tensor, toward_mean: Tensor, radius: Tensor, support: Te
     gw = w @ gramian
     squared = (gw * w).sum(-1, keepdim=True)
     norm = squared.clamp_min(0).sqrt()
-    eps, floor = torch.finfo(gramian.dtype).eps, torch.finfo(gramian.dtype).tiny
+    round_off, floor = _round_off(gramian.dtype), torch.finfo(gramian.dtype).tiny
     # g_w = 0 to round-off (w sums to 1, so against the largest squared row norm) is
     # the min-norm regime, where the objective has no gradient: the enumeration's case.
-    away_from_zero = squared[:, 0] > 1e3 * eps * gramian.diagonal().max()
+    away_from_zero = squared[:, 0] > round_off * gramian.diagonal().max()
     gradient = toward_mean + radius * gw / norm.clamp_min(floor)
     allowance = _kkt_tolerance(w, gramian) * (1 + radius / norm.clamp_min(floor))
     slack = gradient - (gradient * w).sum(-1, keepdim=True) + allowance
-    violated = torch.where(support, w < -1e3 * eps, slack < 0)
+    violated = torch.where(support, w < -round_off, slack < 0)
     return w.clamp_min(0), violated, solved & valid & away_from_zero & support.any(-1)
 
 
