@@ -6,7 +6,7 @@ pairwise cosines of the task gradients on the shared parameters, the gradient no
 the loss-scale ratio; per epoch a histogram and the fraction of conflicting (negative)
 cosines per pair. At the end of the warm-up window and of the run it writes a report
 (rich table, ``diagnostics.json``, TensorBoard text) with a recommendation from the
-decision rule in methods.md.
+decision rule in docs/methods.md.
 
 In the features space (``surgery.space=features``) the rows are gradients of the shared
 representation rather than of the shared parameters; the report says which.
@@ -28,7 +28,7 @@ from mtl_runner import io
 from mtl_runner.optim.jacobian import StepGradients
 from mtl_runner.train.trainer import Callback, Trainer
 
-#: Thresholds of the decision rule (methods.md, "Diagnostics and the decision rule").
+#: Thresholds of the decision rule (docs/methods.md, "Diagnostics and the decision rule").
 CONFLICT_FRACTION = 0.20
 WIDE_SPREAD = 0.15
 ORTHOGONAL_FRACTION = 0.05

@@ -1,4 +1,4 @@
-"""The controlled conflict experiment (methods.md): per-step gradient cosines against alpha.
+"""The controlled conflict experiment (docs/methods.md): per-step gradient cosines against alpha.
 
 For each alpha, ``mtl-run dataset=controlled backbone=mlp dataset.alpha=<alpha>`` trains for
 ``--steps`` steps (one epoch of ``steps x batch_size`` samples, the trainer's default batch of
@@ -14,9 +14,9 @@ stay in ``--runs`` (``tensorboard --logdir outputs/conflict_sweep``).
 Trailing arguments are extra ``mtl-run`` overrides (e.g. ``dataset.k=2 optimizer.lr=0.01``).
 About 15 s for the four runs on a 2-core CPU.
 
-The settings are methods.md's and the project defaults: d = 64, k = 8, noise 0.01, 100 steps,
+The settings are docs/methods.md's and the project defaults: d = 64, k = 8, noise 0.01, 100 steps,
 the 256-256 MLP trunk, AdamW at lr 2e-3 with the cosine schedule. They show the progression,
-but the alpha = 1 end is not the "spike at +1" methods.md predicts: with identical targets the
+but the alpha = 1 end is not the "spike at +1" docs/methods.md predicts: with identical targets the
 cosine starts near 0 (each task backpropagates through its own independently initialised
 head, so the two trunk gradients are unrelated at step 0) and climbs to about 0.85-0.9 within
 ~30 steps, where it stays: even after 1000 steps the mean is 0.83. Two different heads fitting

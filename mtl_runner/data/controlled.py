@@ -1,6 +1,6 @@
 """``dataset=controlled``: two linear regression tasks whose gradient conflict is set by hand.
 
-The controlled conflict experiment of ``methods.md``: inputs ``x ~ N(0, I_d)``, task ``t``
+The controlled conflict experiment of ``docs/methods.md``: inputs ``x ~ N(0, I_d)``, task ``t``
 has ``k`` linear targets ``y_t = W_t x + noise``. ``W_1`` is Gaussian; ``W_perp`` is
 Gaussian with its rows orthogonalised against the row space of ``W_1`` and rescaled to
 ``W_1``'s Frobenius norm; ``W_2 = alpha W_1 + beta W_perp`` with ``alpha^2 + beta^2 = 1``.

@@ -7,7 +7,7 @@ its own inputs ``X_t ~ N(0, I_p)`` (one row per sample) and targets
 borrowing strength between the tasks beats both (see ``mtl_runner.linear`` and
 ``scripts/linear_mtl.py``, where the best penalty is near ``noise_sd^2 / task_sd^2``).
 
-The default ``beta_0 = (1.5, -2, 0, 1, -0.5)`` is the one of ``methods.md``; for another
+The default ``beta_0 = (1.5, -2, 0, 1, -0.5)`` is the one of ``docs/methods.md``; for another
 ``p`` it is drawn ``N(0, I_p)`` from the seed, since no fixed vector fits every ``p``.
 
 This is a multi-input dataset (``TaskSet.multi_input``): the splits are

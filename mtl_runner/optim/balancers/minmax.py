@@ -1,7 +1,7 @@
 """``balancer=minmax``: worst-case task weighting, as in robust / fair multi-task learning:
 minimise ``max_t L_t / L_t(0)``. (Group DRO, Sagawa et al., ICLR 2020, optimises the same
 kind of worst-group objective with exponentiated-gradient weights that accumulate over
-steps; this balancer is the memoryless form that methods.md specifies: the weights
+steps; this balancer is the memoryless form that docs/methods.md specifies: the weights
 depend only on the current normalised losses.)
 
 Losses are normalised by their value at the first step this balancer sees, ``n_t =

@@ -25,7 +25,7 @@ class AlignedMTL(GramianWeighting):
 
     ``scale_mode`` picks ``lambda_scale``: ``min`` (the paper's smallest kept
     eigenvalue, default), ``median`` or ``rmse`` (the mean), as in the authors' code.
-    Scale: the authors' code sums the aligned gradients, which is methods.md's
+    Scale: the authors' code sums the aligned gradients, which is docs/methods.md's
     convention; torchjd's AlignedMTL averages them (``1/T`` of this). All-zero rows:
     weights 1 (the direction is 0 either way). ``torch.linalg.eigh`` checks its result,
     which on CUDA is one device synchronisation per step.

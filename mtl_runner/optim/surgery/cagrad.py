@@ -22,7 +22,7 @@ class CAGrad(GramianWeighting):
     reference code's host-side SciPy SLSQP. ``c = 0`` gives the mean.
 
     Scale: the reference code returns the mean-scale direction above; here it is
-    multiplied by ``T`` (methods.md's convention), so ``c = 0`` returns ``J.sum(0)``.
+    multiplied by ``T`` (docs/methods.md's convention), so ``c = 0`` returns ``J.sum(0)``.
     """
 
     def __init__(self, c: float = 0.4, rescale: Literal[0, 1, 2] = 1, space: Space = "params") -> None:

@@ -23,7 +23,7 @@ class IMTLG(GramianWeighting):
     only zero rows), they are 0.
 
     Scale: the paper's ``alpha`` sums to 1 (a mean-like scale); here it is multiplied by
-    ``T`` (methods.md's convention).
+    ``T`` (docs/methods.md's convention).
     """
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:

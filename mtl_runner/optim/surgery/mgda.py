@@ -26,7 +26,7 @@ class MGDA(GramianWeighting):
     ``g_t / (L_t ||g_t||)``); the weights are then applied to the raw rows.
 
     Scale: the paper's direction is the convex combination (a point of the hull);
-    here it is multiplied by ``T`` (methods.md's convention), so the effective learning
+    here it is multiplied by ``T`` (docs/methods.md's convention), so the effective learning
     rate is ``T`` times that of the reference code.
     """
 

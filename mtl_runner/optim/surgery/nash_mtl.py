@@ -39,7 +39,7 @@ class NashMTL(GramianWeighting):
     steps; ``max_norm > 0`` scales ``alpha`` so that ``||d|| <= max_norm`` (0 disables).
     State (the last ``alpha`` and the step counter) is saved in :meth:`state_dict`.
 
-    Scale: the paper's ``d = sum_t alpha_t g_t`` (methods.md), not ``J.sum(0)``'s
+    Scale: the paper's ``d = sum_t alpha_t g_t`` (docs/methods.md), not ``J.sum(0)``'s
     scale: ``alpha`` scales as ``1 / ||g||``, so ``d`` is invariant to rescaling any
     task's gradient (the paper's scale invariance) and its norm is ``sqrt(T)`` for
     orthogonal rows, before the ``max_norm`` clip (the authors' default 1.0).

@@ -18,7 +18,7 @@ class PCGrad(GramianWeighting):
     Every ``g_i'`` stays a combination of the rows, so the method tracks coefficients
     ``C`` (``g_i' = C_i @ J``) and only needs the Gramian: ``g_i' . g_j = (C_i @ M)_j``.
     All ``i`` are projected at once, one position of their orders at a time. The orders
-    (an independent permutation of the other tasks per ``i``, as in methods.md) come from
+    (an independent permutation of the other tasks per ``i``, as in docs/methods.md) come from
     the run's seeded generator. Scale: the paper's sum of projected gradients, which is
     the project's convention (``none`` = ``J.sum(0)``). A zero row is never projected on.
     """

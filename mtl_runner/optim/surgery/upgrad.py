@@ -22,7 +22,7 @@ class UPGrad(GramianWeighting):
     rather than with the paper's host-side quadprog; the weights are ``sum_i v_i``.
 
     Scale: the paper averages the projections (``1/T sum_i``, as torchjd's UPGrad does);
-    here they are summed (methods.md's convention, ``T`` times the paper's direction).
+    here they are summed (docs/methods.md's convention, ``T`` times the paper's direction).
     """
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
