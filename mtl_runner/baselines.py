@@ -34,7 +34,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from mtl_runner import build, io
+from mtl_runner import build, checkpoints, io
 from mtl_runner.data.base import TaskSet
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.tasks import Task
@@ -70,7 +70,7 @@ class BaselineRecord:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.directory / "checkpoints" / "last.pt"
+        return checkpoints.last_checkpoint(self.directory)
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "dir": str(self.directory), "metrics": self.metrics,
@@ -132,7 +132,7 @@ def read_record(directory: Path) -> BaselineRecord | None:
     directory = Path(directory)
     try:
         stored = json.loads((directory / RECORD_FILE).read_text())
-        checkpoint = directory / "checkpoints" / "last.pt"
+        checkpoint = checkpoints.last_checkpoint(directory)
         if stored["format"] != CACHE_FORMAT or _sha256(checkpoint) != stored["checkpoint_sha256"]:
             return None
         return BaselineRecord(
@@ -188,7 +188,7 @@ def _train(cfg: DictConfig, task_name: str, directory: Path, taskset: TaskSet | 
     try:
         trainer = Trainer(
             model, single, build.build_balancer(bcfg), build.build_surgery(bcfg), build.optimizer_factory(bcfg),
-            settings_from(bcfg), device, logger=logger, checkpoint_dir=directory / "checkpoints",
+            settings_from(bcfg), device, logger=logger, checkpoint_dir=checkpoints.checkpoint_dir(directory),
             callbacks=callbacks, name=f"baseline {task_name}", config=config, param_groups=param_groups,
         )
         trainer.fit()

@@ -9,8 +9,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from mtl_runner.config import ConfigError
 from mtl_runner.data.base import TaskSet
+from mtl_runner.errors import ConfigError
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.base import Balancer
 from mtl_runner.optim.surgery.base import Surgery

@@ -1,9 +1,10 @@
 """Entry points: ``mtl-run`` (Hydra) and ``mtl-report``.
 
 ``mtl-run`` first composes and validates the configuration of every job it is about to
-launch (all jobs of a ``-m`` grid), so that bad input fails in a second with one line
-naming the key and what is allowed, before Hydra creates any output directory. Then it
-hands over to Hydra, which owns ``--help``, ``--cfg``, multirun and launchers.
+launch (all jobs of a ``-m`` grid, see :mod:`mtl_runner.preflight`), so that bad input
+fails in a second with one line naming the key and what is allowed, before Hydra creates
+any output directory. Then it hands over to Hydra, which owns ``--help``, ``--cfg``,
+multirun and launchers.
 """
 
 from __future__ import annotations
@@ -13,165 +14,15 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import DictConfig
 
 from mtl_runner import io
-from mtl_runner.build import build_balancer, build_surgery
-from mtl_runner.config import ConfigError, register_schema, validate
-from mtl_runner.data.roots import DatasetRootError, check_dataset
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-#: Hydra flags after which mtl-run only prints something: nothing to validate.
-INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--shell-completion", "-sc", "--resolve"}
-
-register_schema()
-
-
-def fail(message: str) -> None:
-    print(f"{_prog()}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _prog() -> str:
-    """The command as typed (mtl-run, mtl-affinity), for error lines."""
-    name = Path(sys.argv[0]).name
-    return name if name.startswith("mtl-") else "mtl-run"
-
-
-def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """Every job's override list, as the basic sweeper would launch them."""
-    if not multirun:
-        return [overrides]
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    if any(o.key_or_group.startswith(("hydra/sweeper", "hparams_search")) for o in parsed):
-        return [[o.input_line for o in parsed if not o.is_sweep_override()]]
-    batches = BasicSweeper.split_arguments(parsed, None)
-    return [job for batch in batches for job in batch]
-
-
-def _explain(exc: Exception, overrides: list[str], config_name: str = "config") -> str:
-    """One line for a composition error: which key, what is allowed."""
-    if isinstance(exc, MissingConfigException):
-        missing = getattr(exc, "missing_cfg_file", None) or ""
-        group, _, option = str(missing).rpartition("/")
-        if group and (CONF_DIR / group).is_dir():
-            return f"{group}={option}: no such option; allowed: {', '.join(_options(group))}"
-        return str(exc).splitlines()[0]
-    if isinstance(exc, OverrideParseException):
-        return f"cannot parse override: {str(exc).splitlines()[0]}"
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, OmegaConfBaseException):
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
-        key = str(cause.full_key)
-        parent, _, _ = key.rpartition(".")
-        rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
-        try:
-            base = compose(config_name, overrides=rest)
-            node = OmegaConf.select(base, parent) if parent else base
-            allowed = ", ".join(str(k) for k in node.keys() if not str(k).startswith("_")) if isinstance(node, DictConfig) else ""
-        except Exception:
-            allowed = ""
-        return f"unknown key {key}" + (f"; allowed: {allowed}" if allowed else "")
-    if isinstance(cause, ValidationError) and cause.full_key:
-        return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
-    return str(exc).splitlines()[0]
-
-
-def _sweep_naming(overrides: list[str]) -> list[str]:
-    """Name sweep jobs by what varies: overrides shared by every job of the sweep are
-    left out of the job directory name (and so of the TensorBoard run name)."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
-    constant = [
-        o.key_or_group for o in parsed
-        if not o.is_sweep_override() and o.key_or_group not in swept and not o.key_or_group.startswith("hydra")
-    ]
-    excluded = ["trainer.progress", "trainer.device", *constant]
-    return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]"]
-
-
-def preflight(argv: list[str], config_name: str = "config") -> list[str]:
-    """Compose and validate every job, and check that its dataset's files are there,
-    before Hydra starts; exit 2 with one line on error.
-    Returns extra Hydra overrides to append (job naming for sweeps). ``config_name``: the
-    primary config of the command (``mtl_affinity`` for mtl-affinity)."""
-    if any(a.split("=", 1)[0] in INFO_FLAGS for a in argv):
-        return []
-    from hydra._internal.utils import get_args_parser
-
-    args = get_args_parser().parse_args(argv)
-    try:
-        jobs = _job_overrides(list(args.overrides), bool(args.multirun))
-    except OverrideParseException as exc:
-        fail(f"cannot parse override: {str(exc).splitlines()[0]}")
-    extra: list[str] = []
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for job in jobs:
-            try:
-                cfg = compose(config_name, overrides=job)
-            except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as exc:
-                fail(_explain(exc, job, config_name))
-            try:
-                validate(cfg)
-                # methods check their own arguments (e.g. surgery.c) when constructed: cheap, and before any output
-                if "balancer" in cfg:
-                    build_balancer(cfg)
-                if "surgery" in cfg:
-                    build_surgery(cfg)
-                check_dataset(cfg.dataset)
-                check_dataset(cfg.backbone)  # pretrained weights: fetched now, or one line
-            except (ConfigError, DatasetRootError, ValueError) as exc:
-                fail(str(exc).splitlines()[0])
-            if cfg.resume:
-                extra = _resume_run_dir(str(cfg.resume), list(args.overrides), bool(args.multirun))
-            if cfg.trainer.strategy == "ddp":
-                extra += _ddp_overrides(cfg, [*job, *extra], bool(args.multirun))
-    return extra + (_sweep_naming(list(args.overrides)) if args.multirun else [])
-
-
-def _ddp_overrides(cfg: DictConfig, overrides: list[str], multirun: bool) -> list[str]:
-    """Every rank of a torchrun group runs mtl-run; they join the process group here and
-    agree on rank 0's run directory, and only rank 0's Hydra writes .hydra/ and the log."""
-    from mtl_runner.train import distributed
-
-    if multirun:
-        fail("trainer.strategy=ddp applies to a single run started by torchrun, not to a -m sweep")
-    try:
-        group = distributed.init_process_group(str(cfg.trainer.device))
-    except ConfigError as exc:
-        fail(str(exc))
-    extra = [] if group.is_main else ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-    if any(o.startswith("hydra.run.dir=") for o in overrides):
-        return extra
-    run_dir = OmegaConf.select(compose("config", overrides=overrides, return_hydra_config=True), "hydra.run.dir")
-    return [*extra, f"hydra.run.dir={distributed.broadcast_run_dir(group, str(run_dir))}"]
-
-
-def _resume_run_dir(resume: str, overrides: list[str], multirun: bool) -> list[str]:
-    """A resumed run continues in the run directory it resumes (same TensorBoard curves,
-    same checkpoints), so Hydra is pointed there."""
-    if multirun:
-        fail("resume= applies to a single run, not a -m sweep; resume each job by its directory")
-    path = Path(resume).expanduser()
-    if not (path / "checkpoints" / "last.pt").is_file():
-        fail(f"resume={resume}: no checkpoint at {path / 'checkpoints' / 'last.pt'}; give a run directory of mtl-run")
-    if any(o.startswith("hydra.run.dir=") for o in overrides):
-        return []
-    return [f"hydra.run.dir={path.resolve()}"]
+from mtl_runner.config import CONF_DIR, validate
+from mtl_runner.errors import ConfigError
+from mtl_runner.preflight import fail, preflight
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -1,7 +1,7 @@
 """The configuration schema and its validation.
 
 Two layers, both run before any training (and before Hydra creates a run directory,
-see ``cli.preflight``):
+see :mod:`mtl_runner.preflight`):
 
 1. The typed top-level schema (:class:`RunConfig`, registered in Hydra's ConfigStore as
    ``config_schema``) fixes the keys and types of the plain groups (trainer,
@@ -19,16 +19,24 @@ is allowed.
 from __future__ import annotations
 
 import inspect
+import re
 import types
 import typing
 from collections import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from mtl_runner.checkpoints import checkpoint_file
+from mtl_runner.errors import ConfigError
+
+#: The Hydra config tree every command composes (``mtl-run``, ``mtl-affinity``, the tests).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 TARGET_GROUPS = ("dataset", "backbone", "sharing", "balancer", "surgery", "optimizer")
 #: Arguments the runner passes itself when it builds the object (not user-settable).
@@ -38,11 +46,6 @@ RUNTIME_ARGS: dict[str, frozenset[str]] = {
     "optimizer": frozenset({"params"}),
     "aux": frozenset({"taskset"}),
 }
-
-
-class ConfigError(ValueError):
-    """Bad user input: reported as one line, exit code 2. Raised in the preflight (before
-    Hydra creates the run directory) wherever the check needs no model or data."""
 
 
 @dataclass
@@ -139,6 +142,13 @@ class RunConfig:
     objective: Optional[str] = None
 
 
+#: Paths into a run's ``results.json`` that ``objective`` may name (see :mod:`mtl_runner.sweep`).
+OBJECTIVE_PATTERNS = (
+    re.compile(r"delta_m_pct"),
+    re.compile(r"tasks\.[^.]+\.metrics\.[^.]+\.(mtl|delta_pct)"),
+    re.compile(r"test_losses\.[^.]+"),
+)
+
 #: ``affinity.measures`` a user may choose (one module each in ``mtl_runner/affinity/``).
 AFFINITY_MEASURES = ("gradient", "lookahead", "cka")
 
@@ -165,7 +175,7 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.channels_last", lambda v: v in ("auto", "always", "never"), "auto (on CUDA for image inputs), always or never"),
     ("trainer.num_threads", lambda v: v is None or v >= 1, "null (the launcher's share of the CPU cores) or an integer >= 1"),
     ("trainer.strategy", lambda v: v in ("single", "ddp"), "single or ddp (under torchrun)"),
-    ("objective", lambda v: v is None or _objective_ok(v), "null, delta_m_pct, or tasks.<task>.metrics.<metric>.<mtl|delta_pct>, test_losses.<task>"),
+    ("objective", lambda v: v is None or any(p.fullmatch(v) for p in OBJECTIVE_PATTERNS), "null, delta_m_pct, or tasks.<task>.metrics.<metric>.<mtl|delta_pct>, test_losses.<task>"),
     ("optimizer.lr", lambda v: v > 0, "a float > 0"),
     ("diagnostics.every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 turns diagnostics off)"),
     ("diagnostics.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
@@ -179,24 +189,13 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("affinity.k", lambda v: v >= 1, "an integer >= 1 (number of shared encoders)"),
     ("affinity.measures", lambda v: len(v) > 0 and set(v) <= set(AFFINITY_MEASURES), f"a non-empty list of {', '.join(AFFINITY_MEASURES)}"),
     ("affinity.cka_examples", lambda v: v >= 2, "an integer >= 2"),
-    ("init_from", lambda v: _checkpoint_file(v) is not None, "a checkpoint .pt file or a run directory with checkpoints/last.pt"),
+    ("init_from", lambda v: checkpoint_file(v) is not None, "a checkpoint .pt file or a run directory with checkpoints/last.pt"),
 ]
 
 
-def _checkpoint_file(init_from: str) -> Any:
-    from mtl_runner.train.finetune import checkpoint_file  # imports torch: only when init_from is set
-
-    return checkpoint_file(init_from)
-
-
-def _objective_ok(objective: str) -> bool:
-    from mtl_runner.sweep import objective_pattern_ok
-
-    return objective_pattern_ok(objective)
-
-
-def register_schema() -> None:
-    ConfigStore.instance().store(name="config_schema", node=RunConfig)
+# Registered on import: conf/config.yaml names ``config_schema`` in its defaults, so any
+# code that can import CONF_DIR from here can also compose it.
+ConfigStore.instance().store(name="config_schema", node=RunConfig)
 
 
 def validate(cfg: DictConfig) -> None:

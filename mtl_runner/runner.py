@@ -12,9 +12,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from mtl_runner import baselines, build, io, results
-from mtl_runner.config import ConfigError
+from mtl_runner import baselines, build, checkpoints, io, results
 from mtl_runner.diagnostics import ConflictDiagnostics, custom_scalars_layout
+from mtl_runner.errors import ConfigError
 from mtl_runner.train import distributed
 from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.reference import evaluate_trivial, fit_trivial
@@ -44,11 +44,7 @@ RESUME_MUST_MATCH = ("dataset", "backbone", "sharing", "balancer", "surgery", "o
 
 def load_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """The checkpoint to resume from, checked against the new config (one-line errors)."""
-    path = run_dir / "checkpoints" / "last.pt"
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ConfigError(f"resume={cfg.resume}: checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    checkpoint = checkpoints.load(checkpoints.last_checkpoint(run_dir), f"resume={cfg.resume}", weights_only=False)
     saved = OmegaConf.create(checkpoint.get("config", {}))
     for key in RESUME_MUST_MATCH:
         if _plain(OmegaConf.select(saved, key, default=None)) != _plain(OmegaConf.select(cfg, key, default=None)):
@@ -134,7 +130,7 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
     try:
         trainer = Trainer(
             model, taskset, balancer, surgery, build.optimizer_factory(cfg), settings_from(cfg), device,
-            logger=logger, checkpoint_dir=run_dir / "checkpoints" if main else None, name=run_name,
+            logger=logger, checkpoint_dir=checkpoints.checkpoint_dir(run_dir) if main else None, name=run_name,
             callbacks=[diagnostics, SharingDiagnostics(), *finetune_callbacks], config=OmegaConf.to_container(cfg, resolve=True),
             param_groups=param_groups, distributed=group,
         )

@@ -14,29 +14,18 @@ Optuna refuses it while telling, which aborts the sweep).
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from mtl_runner.config import ConfigError
-
-#: Objective paths a run's results can answer (checked at validation, before any run).
-OBJECTIVE_PATTERNS = (
-    re.compile(r"delta_m_pct"),
-    re.compile(r"tasks\.[^.]+\.metrics\.[^.]+\.(mtl|delta_pct)"),
-    re.compile(r"test_losses\.[^.]+"),
-)
-
-
-def objective_pattern_ok(objective: str) -> bool:
-    return any(p.fullmatch(objective) for p in OBJECTIVE_PATTERNS)
+from mtl_runner.errors import ConfigError
 
 
 def objective_value(results: dict[str, Any], objective: str | None) -> float | None:
-    """The value a sweeper optimises; a path the results lack is a one-line error naming
-    what they do offer, since a silently missing objective would make every trial fail."""
+    """The value a sweeper optimises. Its path fitted :data:`mtl_runner.config.OBJECTIVE_PATTERNS`
+    before the run; a path these results still lack is a one-line error naming what they
+    do offer, since a silently missing objective would make every trial fail."""
     if objective is None:
         return None
     node: Any = results

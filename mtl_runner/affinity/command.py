@@ -38,10 +38,11 @@ from mtl_runner.affinity.gradient import GradientAffinity
 from mtl_runner.affinity.lookahead import LookaheadAffinity
 from mtl_runner.affinity.outputs import AffinityMatrix, write_outputs
 from mtl_runner.affinity.transfer import transfer_affinity
-from mtl_runner.cli import CONF_DIR, fail, preflight
-from mtl_runner.config import ConfigError, validate
+from mtl_runner.config import CONF_DIR, validate
 from mtl_runner.data.base import TaskSet
+from mtl_runner.errors import ConfigError
 from mtl_runner.models.sharing.base import strategy_name
+from mtl_runner.preflight import fail, preflight
 from mtl_runner.runner import configure_determinism, settings_from
 from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.trainer import Trainer

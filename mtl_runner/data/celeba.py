@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
 from mtl_runner.data.base import LoaderSplit, TaskSet
-from mtl_runner.data.roots import DatasetRootError, expand_root, require_files, root_check, root_error
+from mtl_runner.data.roots import expand_root, require_files, root_check, root_error
+from mtl_runner.errors import DatasetRootError
 from mtl_runner.tasks import Task
 
 FILES = ("celeba/list_attr_celeba.txt", "celeba/list_eval_partition.txt", "celeba/img_align_celeba")

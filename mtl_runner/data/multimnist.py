@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtl_runner.data.base import TaskSet, TensorSplit
-from mtl_runner.data.roots import DatasetRootError, expand_root, require_files, root_check, root_error
+from mtl_runner.data.roots import expand_root, require_files, root_check, root_error
+from mtl_runner.errors import DatasetRootError
 from mtl_runner.tasks import Task
 
 FILES = {

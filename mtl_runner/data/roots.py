@@ -28,11 +28,9 @@ from typing import Any, TypeVar
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from mtl_runner.errors import DatasetRootError
+
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class DatasetRootError(FileNotFoundError):
-    """A dataset's files are missing or incomplete; the message is one line."""
 
 
 def expand_root(root: str) -> Path:

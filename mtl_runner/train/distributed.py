@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtl_runner.config import ConfigError
+from mtl_runner.errors import ConfigError
 
 #: Environment variables torchrun sets for each rank.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

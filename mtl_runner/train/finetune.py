@@ -32,7 +32,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mtl_runner import io
-from mtl_runner.config import ConfigError
+from mtl_runner.checkpoints import read_model_state
+from mtl_runner.errors import ConfigError
 from mtl_runner.models.backbones import Backbone
 from mtl_runner.train.trainer import Callback, Trainer
 
@@ -40,33 +41,6 @@ HEADS_PREFIX = "heads."
 
 
 # ------------------------------------------------------------------ init_from
-def checkpoint_file(init_from: str) -> Path | None:
-    """The ``.pt`` file ``init_from`` names: the file itself, or a run directory's
-    ``checkpoints/last.pt``; ``None`` when there is none."""
-    path = Path(init_from).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    return path if path.is_file() else None
-
-
-def read_state_dict(init_from: str) -> dict[str, torch.Tensor]:
-    """The model state stored in ``init_from``: an ``mtl-run`` checkpoint (its ``model``
-    entry), a ``{"state_dict": ...}`` file, or a plain state dict. Loaded with
-    ``weights_only=True``: a checkpoint is data, never code to execute."""
-    path = checkpoint_file(init_from)
-    if path is None:
-        raise ConfigError(f"init_from={init_from}: no such checkpoint; give a .pt file or a run directory with checkpoints/last.pt")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        raise ConfigError(f"init_from={init_from}: {path} cannot be read ({type(exc).__name__}: {detail})") from None
-    for candidate in (checkpoint.get("model"), checkpoint.get("state_dict"), checkpoint) if isinstance(checkpoint, dict) else ():
-        if isinstance(candidate, dict) and candidate and all(isinstance(v, torch.Tensor) for v in candidate.values()):
-            return candidate
-    raise ConfigError(f"init_from={init_from}: {path} holds no model state (expected an mtl-run checkpoint or a state dict)")
-
-
 @dataclass
 class InitReport:
     """What ``init_from`` did to each tensor: ``loaded`` names the copied model tensors;
@@ -101,7 +75,7 @@ def _shape(t: torch.Tensor) -> str:
 def initialise_from(model: nn.Module, init_from: str, reinit_heads: bool = False) -> InitReport:
     """Copy every tensor of the checkpoint whose name and shape match one of ``model``'s
     (parameters and buffers); with ``reinit_heads`` the heads are left as built."""
-    source = read_state_dict(init_from)
+    source = read_model_state(init_from)
     report = InitReport(source=init_from)
     target = model.state_dict()
     with torch.no_grad():

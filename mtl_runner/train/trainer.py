@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from mtl_runner import io
+from mtl_runner.checkpoints import LAST_NAME
 from mtl_runner.data.base import Batch, Split, TaskSet
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.base import Balancer
@@ -478,7 +479,7 @@ class Trainer:
         self._resolve_nonfinite()
         if self.checkpoint_dir is not None:
             self.logger.sync()
-            io.torch_save(self.checkpoint_dir / "last.pt", self.checkpoint_state())
+            io.torch_save(self.checkpoint_dir / LAST_NAME, self.checkpoint_state())
 
     def load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore everything ``checkpoint_state`` saved; training continues exactly where

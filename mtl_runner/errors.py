@@ -1,0 +1,20 @@
+"""The errors a user sees as one line (exit code 2), on the lowest floor of the package.
+
+Every layer raises them, from the config validation up to the command line, so they
+import nothing from ``mtl_runner``: a module that needs to refuse bad input does not have
+to pull in the layer that reports it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "DatasetRootError"]
+
+
+class ConfigError(ValueError):
+    """Bad user input: reported as one line, exit code 2. Raised in the preflight (before
+    Hydra creates the run directory) wherever the check needs no model or data."""
+
+
+class DatasetRootError(FileNotFoundError):
+    """A dataset's files (or a backbone's pretrained weights) are missing or incomplete;
+    the message is one line naming the path, what is expected and where to get it."""
