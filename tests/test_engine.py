@@ -20,7 +20,7 @@ from tests.conftest import FixedWeights
 class HalfFirst(GramianWeighting):
     """A toy row weighting (0.5 on task 0, 1 elsewhere) to check the plumbing."""
 
-    def weights(self, gramian: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+    def solve(self, gramian: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
         w = torch.ones(gramian.shape[0], dtype=gramian.dtype)
         w[0] = 0.5
         return w

@@ -158,7 +158,7 @@ def test_surgery_weights_run_on_one_thread_and_threads_are_restored(batch) -> No
     seen = []
 
     class Recording(GramianWeighting):
-        def weights(self, gramian: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+        def solve(self, gramian: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
             seen.append(torch.get_num_threads())
             return torch.ones(gramian.shape[0], dtype=gramian.dtype)
 

@@ -24,7 +24,7 @@ from tests.conftest import run_cli
 class InverseNormWeights(GramianWeighting):
     """Weights 1/||g_t||: a direction that changes if the rows arrive scaled."""
 
-    def weights(self, gramian: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+    def solve(self, gramian: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
         return gramian.diagonal().clamp_min(1e-30).rsqrt()
 
 

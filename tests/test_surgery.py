@@ -428,6 +428,27 @@ def test_weights_from_a_nonfinite_gramian_are_finite(name: str) -> None:
     assert torch.all(torch.isfinite(w)) and w[1] == 0
 
 
+def test_solve_sees_a_clean_gramian_and_dropped_tasks_weigh_zero() -> None:
+    """The base class drops non-finite tasks once, for every subclass: ``solve`` gets
+    their row and column zeroed, and whatever it returns for them becomes 0."""
+    seen = []
+
+    class NanForEveryone(GramianWeighting):
+        def solve(self, gramian: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+            seen.append(gramian.clone())
+            return torch.full((gramian.shape[0],), float("nan"), dtype=gramian.dtype).index_fill(0, torch.tensor([0, 2]), 1.0)
+
+    jacobian = _degenerate()["nan_row"]
+    surgery = NanForEveryone()
+    d = surgery(jacobian)
+    w = surgery.weights(jacobian @ jacobian.T)
+    for gramian in seen:
+        assert torch.all(torch.isfinite(gramian)) and torch.all(gramian[1] == 0) and torch.all(gramian[:, 1] == 0)
+    assert torch.equal(w, torch.tensor([1.0, 0.0, 1.0], dtype=F64))
+    assert torch.equal(surgery.last_weights, w)
+    torch.testing.assert_close(d, jacobian[0] + jacobian[2])
+
+
 # ------------------------------------------------------------- engine integration
 @pytest.fixture(scope="module")
 def scenes_batch():

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting, Space
-from mtl_runner.optim.surgery.simplex import without_nonfinite
 
 ScaleMode = Literal["min", "median", "rmse"]
 
@@ -37,9 +36,8 @@ class AlignedMTL(GramianWeighting):
         super().__init__(space)
         self.scale_mode = scale_mode
 
-    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        gramian, finite = without_nonfinite(gramian)
-        return self.balance_transformation(gramian).sum(1) * finite
+    def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        return self.balance_transformation(gramian).sum(1)
 
     def balance_transformation(self, gramian: Tensor) -> Tensor:
         """The paper's ``B`` (identity when every row is zero)."""

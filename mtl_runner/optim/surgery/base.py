@@ -8,9 +8,15 @@ convex weights by ``T``), so that switching methods does not silently change the
 effective learning rate under SGD.
 
 Methods that are a re-weighting of the rows (``d = w @ J``) derive from
-:class:`GramianWeighting` and only implement :meth:`GramianWeighting.weights`, which sees
-the ``T x T`` Gramian ``M = J J^T``. The engine can then avoid materialising ``J`` (the
-features-space mode) and the same code serves both spaces.
+:class:`GramianWeighting` and only implement :meth:`GramianWeighting.solve`, which sees
+the ``T x T`` Gramian ``M = J J^T`` with every entry finite. The engine can then avoid
+materialising ``J`` (the features-space mode) and the same code serves both spaces.
+
+Non-finite rows are handled in one place, :class:`GramianWeighting`: a task whose
+gradient has a non-finite entry is dropped (weight 0, its row and column of the Gramian
+zeroed before :meth:`~GramianWeighting.solve` sees it), so that one bad task does not
+turn the whole direction into NaN. ``surgery(J)``, ``surgery.weights(M)`` and the
+engine's calls all go through it; a subclass never filters on its own.
 """
 
 from __future__ import annotations
@@ -96,9 +102,27 @@ class GramianWeighting(Surgery):
         """The last support, if it fits this solve's shape (else nothing to try)."""
         return self.support if self.support is not None and tuple(self.support.shape) == shape else None
 
-    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        """``(T, T)`` Gramian (and optionally the losses) to ``(T,)`` row weights."""
+    def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        """The method itself: ``(T, T)`` Gramian (and optionally the losses) to ``(T,)``
+        row weights. Subclasses implement this and nothing else of the weighting.
+
+        The Gramian is clean: every entry is finite, and a dropped task's row and column
+        are zero (as for a task whose gradient is zero). Whatever weight the solve gives a
+        dropped task is replaced by 0 afterwards, so it needs no special case for them."""
         raise NotImplementedError
+
+    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        """``(T, T)`` Gramian to ``(T,)`` row weights, a non-finite task weighted 0 (see
+        the module docstring). Subclasses implement :meth:`solve`, not this."""
+        return self._finite_weights(gramian, losses)[0]
+
+    def _finite_weights(self, gramian: Tensor, losses: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The one place non-finite rows are dropped: a task is non-finite when its squared
+        norm ``M_tt`` is (no pass over ``J`` is needed to find it). Returns the weights
+        and which tasks were kept."""
+        finite = torch.isfinite(gramian.diagonal())
+        clean = torch.where(finite[:, None] & finite[None, :], gramian, 0.0)
+        return torch.where(finite, self.solve(clean, losses), 0.0), finite
 
     def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
         return self.direction(jacobian, losses)
@@ -110,9 +134,7 @@ class GramianWeighting(Surgery):
         scaled rows' Gramian is ``(s s^T) * (J J^T)`` and the direction ``(weights * s) @ J``
         (the engine passes the balancer's weights as ``row_scale``).
 
-        A row with a non-finite entry is dropped (weight 0): one bad task must not turn
-        the whole direction into NaN. It is found from the Gramian's diagonal (its squared
-        norm is non-finite), not by a pass over ``J``; but 0 * nan is nan, so the product
+        A dropped (non-finite) row has weight 0, but 0 * nan is nan, so the product
         zeroes such rows in a copy of ``J``. ``read_flags=True`` lets a caller on the CPU,
         where reading a flag back waits for nothing, skip that copy when every row is
         finite; otherwise it is always made, so that nothing here reads the device.
@@ -122,10 +144,9 @@ class GramianWeighting(Surgery):
         gramian = jacobian @ jacobian.T
         if row_scale is not None:
             gramian = gramian * (row_scale[:, None] * row_scale[None, :])
-        finite = torch.isfinite(gramian.diagonal())
-        gramian = torch.where(finite[:, None] & finite[None, :], gramian, 0.0)
         with _one_cpu_thread(gramian.device):
-            weights = self.weights(gramian, losses).to(jacobian.dtype) * finite
+            weights, finite = self._finite_weights(gramian, losses)
+        weights = weights.to(jacobian.dtype)
         self.last_weights = weights
         if not (read_flags and bool(finite.all())):
             jacobian = torch.nan_to_num(jacobian, nan=0.0, posinf=0.0, neginf=0.0)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting, Space
-from mtl_runner.optim.surgery.simplex import cagrad_weights, support_of, without_nonfinite
+from mtl_runner.optim.surgery.simplex import cagrad_weights, support_of
 
 
 class CAGrad(GramianWeighting):
@@ -34,8 +34,7 @@ class CAGrad(GramianWeighting):
         self.c = c
         self.rescale = rescale
 
-    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        gramian, finite = without_nonfinite(gramian)
+    def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         num_tasks = gramian.shape[0]
         mean = torch.full((num_tasks,), 1 / num_tasks, dtype=gramian.dtype, device=gramian.device)
         radius = self.c * (mean @ gramian @ mean).clamp_min(0).sqrt()  # c ||g0||
@@ -44,4 +43,4 @@ class CAGrad(GramianWeighting):
         norm_gw = (w @ gramian @ w).clamp_min(0).sqrt()
         step = torch.where(norm_gw > 0, radius / torch.where(norm_gw > 0, norm_gw, 1), 0)
         divisor = {0: 1.0, 1: 1 + self.c**2, 2: 1 + self.c}[self.rescale]
-        return num_tasks * (mean + step * w) / divisor * finite
+        return num_tasks * (mean + step * w) / divisor

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting, Space
-from mtl_runner.optim.surgery.simplex import without_nonfinite
 
 #: Targets are kept inside ``|phi_hat| <= 1 - TARGET_MARGIN`` for the correction: a target
 #: of exactly 1 would ask for an infinite multiple of ``g_j``.
@@ -58,13 +57,12 @@ class GradVac(GramianWeighting):
         targets = state["targets"]
         self.targets = None if targets is None else targets.clone()
 
-    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        gramian, finite = without_nonfinite(gramian)
+    def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         num_tasks = gramian.shape[0]
         targets = self._targets_for(gramian)
         coefficients = torch.eye(num_tasks, dtype=gramian.dtype, device=gramian.device)
         if num_tasks == 1:
-            return coefficients[0] * finite
+            return coefficients[0]
         rows = torch.arange(num_tasks, device=gramian.device)
         orders = self.orders_of_others(num_tasks, gramian.device).T  # (T - 1, T): position k of every order
         norms = gramian.diagonal().clamp_min(0).sqrt()
@@ -92,7 +90,7 @@ class GradVac(GramianWeighting):
         updated = torch.where(torch.stack(defined), moved, pair_targets)
         targets = targets.index_put((orders, rows.expand_as(orders)), updated.to(targets.dtype))
         self.targets = targets
-        return coefficients.sum(0) * finite
+        return coefficients.sum(0)
 
     def _targets_for(self, gramian: Tensor) -> Tensor:
         """The targets on the Gramian's device (they come back on the CPU from a checkpoint)."""

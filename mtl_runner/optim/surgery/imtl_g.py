@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting
-from mtl_runner.optim.surgery.simplex import ridge, without_nonfinite
+from mtl_runner.optim.surgery.simplex import ridge
 
 
 class IMTLG(GramianWeighting):
@@ -26,12 +26,11 @@ class IMTLG(GramianWeighting):
     ``T`` (docs/methods.md's convention).
     """
 
-    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        gramian, finite = without_nonfinite(gramian)
+    def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         norms = gramian.diagonal().clamp_min(0).sqrt()
         solution, info = torch.linalg.solve_ex(ridge(gramian), norms)
         solution = torch.where((info == 0) & torch.isfinite(solution), solution, torch.zeros_like(solution))
         total = solution.sum()
         usable = total.abs() > torch.finfo(gramian.dtype).eps * solution.abs().sum()
         alpha = torch.where(usable, solution / torch.where(usable, total, 1), torch.zeros_like(solution))
-        return gramian.shape[0] * alpha * finite
+        return gramian.shape[0] * alpha

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting, Space
-from mtl_runner.optim.surgery.simplex import min_norm_weights, support_of, without_nonfinite
+from mtl_runner.optim.surgery.simplex import min_norm_weights, support_of
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 
@@ -36,12 +36,11 @@ class MGDA(GramianWeighting):
         super().__init__(space)
         self.normalization = normalization
 
-    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        gramian, finite = without_nonfinite(gramian)
+    def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         scale = self._scale(gramian, losses)
         convex = min_norm_weights(scale[:, None] * gramian * scale[None, :], self.hint(tuple(scale.shape)))
         self.support = support_of(convex)
-        return gramian.shape[0] * convex * finite
+        return gramian.shape[0] * convex
 
     def _scale(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         """Per-task factors ``s_t`` of the normalised rows ``s_t g_t`` (0 for a zero row)."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting, Space
-from mtl_runner.optim.surgery.simplex import host_resident, without_nonfinite
+from mtl_runner.optim.surgery.simplex import host_resident
 
 #: Step sizes tried at once by the line search of each Newton iteration (1, 1/2, ...).
 LINE_SEARCH_STEPS = 24
@@ -74,23 +74,21 @@ class NashMTL(GramianWeighting):
         self.step = int(state["step"])
         self.alpha = None if state["alpha"] is None else state["alpha"].clone()
 
-    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        gramian, finite = without_nonfinite(gramian)
+    def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         reuse = self.alpha is not None and self.alpha.shape[0] == gramian.shape[0] and self.step % self.update_weights_every != 0
         if reuse:
             assert self.alpha is not None
             alpha = self.alpha.to(device=gramian.device, dtype=gramian.dtype)
         else:
-            alpha = self.solve(gramian)
+            alpha = self._solve_alpha(gramian)
             self.alpha = alpha
         self.step += 1
-        alpha = alpha * finite
         if self.max_norm > 0:
             norm = (alpha @ gramian @ alpha).clamp_min(0).sqrt()
             alpha = alpha * torch.where(norm > self.max_norm, self.max_norm / norm.clamp_min(self.max_norm), 1)
         return alpha
 
-    def solve(self, gramian: Tensor) -> Tensor:
+    def _solve_alpha(self, gramian: Tensor) -> Tensor:
         """``alpha`` with ``alpha_i (M alpha)_i = 1`` on the tasks with a non-zero row, 0 on
         the others (``M`` already free of non-finite entries)."""
         diagonal = gramian.diagonal()

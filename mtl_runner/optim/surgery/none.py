@@ -15,7 +15,7 @@ class NoSurgery(GramianWeighting):
 
     needs_jacobian = False
 
-    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+    def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
 
     def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:

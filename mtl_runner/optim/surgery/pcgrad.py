@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting
-from mtl_runner.optim.surgery.simplex import without_nonfinite
 
 
 class PCGrad(GramianWeighting):
@@ -23,8 +22,7 @@ class PCGrad(GramianWeighting):
     the project's convention (``none`` = ``J.sum(0)``). A zero row is never projected on.
     """
 
-    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        gramian, finite = without_nonfinite(gramian)
+    def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         num_tasks = gramian.shape[0]
         coefficients = torch.eye(num_tasks, dtype=gramian.dtype, device=gramian.device)
         if num_tasks == 1:
@@ -38,4 +36,4 @@ class PCGrad(GramianWeighting):
             conflict = (inner < 0) & (squared_norms[j] > 0)
             shift = torch.where(conflict, inner / torch.where(conflict, squared_norms[j], 1), 0)
             coefficients = coefficients.index_put((rows, j), -shift, accumulate=True)
-        return coefficients.sum(0) * finite
+        return coefficients.sum(0)

@@ -102,14 +102,6 @@ def _pivot(step: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], free: Tensor
     return solution, optimal
 
 
-def without_nonfinite(gramian: Tensor) -> tuple[Tensor, Tensor]:
-    """Zero the rows and columns of tasks whose gradient has a non-finite entry (their
-    squared norm ``M_tt`` is then non-finite), and say which tasks remain."""
-    finite = torch.isfinite(gramian.diagonal())
-    keep = finite[:, None] & finite[None, :]
-    return torch.where(keep, gramian, torch.zeros_like(gramian)), finite
-
-
 @lru_cache(maxsize=64)
 def supports(num_tasks: int, device: torch.device, with_empty: bool = False) -> Tensor:
     """Every non-empty subset of the tasks (and the empty one first, if asked) as a

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting
-from mtl_runner.optim.surgery.simplex import dual_cone_weights, support_of, without_nonfinite
+from mtl_runner.optim.surgery.simplex import dual_cone_weights, support_of
 
 
 class UPGrad(GramianWeighting):
@@ -25,9 +25,8 @@ class UPGrad(GramianWeighting):
     here they are summed (docs/methods.md's convention, ``T`` times the paper's direction).
     """
 
-    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        gramian, finite = without_nonfinite(gramian)
+    def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         identity = torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
         projections = dual_cone_weights(gramian, identity, self.hint(tuple(identity.shape)))
         self.support = support_of(projections, identity)
-        return projections.sum(0) * finite
+        return projections.sum(0)
