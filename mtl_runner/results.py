@@ -1,6 +1,6 @@
 """``results.json`` / ``results.md`` and the end-of-run summary table.
 
-``results.json`` follows design.md: ``tasks.<task>.metrics.<metric>`` holds the MTL value
+``results.json`` follows docs/outputs.md: ``tasks.<task>.metrics.<metric>`` holds the MTL value
 (``mtl``), its direction (``higher_is_better``) and the trivial predictor's value
 (``trivial``); the single-task baseline fields (``stl``, ``delta_pct``, per task
 ``delta_pct_mean``), ``delta_m_pct``, ``parameters.stl_sum`` and the ``baselines`` section
