@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mtl_runner.cli import CONF_DIR
+from mtl_runner.config import CONF_DIR
 from mtl_runner.optim.balancers.base import Balancer
 
 #: Small enough that a run takes a second or two on a CPU.
@@ -28,6 +28,12 @@ TINY = [
     "trainer.progress=off",
     "baseline=off",  # single-task baselines add T trainings; tests of them turn them on
 ]
+
+
+def conf_options(group: str) -> list[str]:
+    """Every option of a config group, as found in ``conf/<group>/``: tests that cover
+    every option pick up a new YAML without a list to update."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:

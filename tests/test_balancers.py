@@ -29,11 +29,12 @@ from mtl_runner.optim.balancers.rlw import RLW
 from mtl_runner.optim.balancers.static import Static
 from mtl_runner.optim.balancers.uncertainty import Uncertainty
 from mtl_runner.tasks import Task
+from tests.conftest import conf_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "balancer"
-NAMES = ["uniform", "static", "uncertainty", "gradnorm", "dwa", "rlw", "geometric", "minmax", "famo", "dbmtl"]
+NAMES = conf_options("balancer")
 TASKS = (
     Task("seg", "segmentation", 13),
     Task("depth", "depth", 1),

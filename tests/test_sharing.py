@@ -22,11 +22,11 @@ from mtl_runner.config import ConfigError
 from mtl_runner.data.base import TaskSet
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.runner import run_experiment
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, conf_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STRATEGIES = ["hard", "soft", "cross_stitch", "mtan", "mmoe", "film", "none"]
+STRATEGIES = conf_options("sharing")
 BASES = {
     "small_cnn": [*TINY, "dataset.image_size=16", "dataset.num_train=32", "trainer.device=cpu"],
     "mlp": [
