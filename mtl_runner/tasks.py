@@ -18,6 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = [
+    "Task", "TaskKind", "Metric", "MetricAccumulator", "task_loss",
+    "METRICS", "ACCUMULATORS", "DENSE_KINDS", "REGRESSION_KINDS", "IGNORE_INDEX",
+]
+
 TaskKind = Literal["segmentation", "depth", "normals", "classification", "regression"]
 DENSE_KINDS: frozenset[str] = frozenset({"segmentation", "depth", "normals"})
 REGRESSION_KINDS: frozenset[str] = frozenset({"depth", "normals", "regression"})

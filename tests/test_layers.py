@@ -24,7 +24,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / PACKAGE
 FLOORS: list[frozenset[str]] = [
     frozenset({"", "__main__", "cli"}),  # "": the package's own __init__
     frozenset({"runner", "report", "affinity", "baselines"}),
-    frozenset({"preflight", "build", "sweep", "results"}),
+    frozenset({"preflight", "assemble", "build", "sweep", "results"}),
     frozenset({"train", "diagnostics"}),
     frozenset({"optim", "models", "data", "linear"}),
     frozenset({"tasks", "config", "io", "errors", "checkpoints"}),

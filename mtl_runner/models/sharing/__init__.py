@@ -1,0 +1,19 @@
+"""Sharing strategies (``sharing=NAME``): how the tasks share a backbone, one module each;
+the classes are exported here for user code (``from mtl_runner.models.sharing import
+MTAN``). A new strategy subclasses :class:`SharingModel`, gets a YAML in
+``conf/sharing/`` and a line here.
+"""
+
+from mtl_runner.models.sharing.base import BackboneFactory, SharingModel, build_columns, strategy_name
+from mtl_runner.models.sharing.cross_stitch import CrossStitch
+from mtl_runner.models.sharing.film import FiLM
+from mtl_runner.models.sharing.hard import HardSharing
+from mtl_runner.models.sharing.mmoe import MMoE
+from mtl_runner.models.sharing.mtan import MTAN
+from mtl_runner.models.sharing.none import Separate
+from mtl_runner.models.sharing.soft import SoftSharing
+
+__all__ = [
+    "SharingModel", "BackboneFactory", "build_columns", "strategy_name",
+    "CrossStitch", "FiLM", "HardSharing", "MMoE", "MTAN", "Separate", "SoftSharing",
+]
