@@ -42,6 +42,7 @@ METHOD_GROUPS = {
 }
 MARKER = re.compile(r"(<!-- BEGIN GENERATED: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- END GENERATED -->)", re.S)
 _ABBREVIATIONS = ("al", "e.g", "i.e", "etc", "vs", "cf", "Fig", "resp")
+COMMANDS = ("mtl-run ", "mtl-affinity ", "mtl-report ", "python ", "torchrun ")
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def comments_of(text: str) -> tuple[str, dict[str, str]]:
     while index < len(lines) and lines[index].lstrip().startswith("#"):
         line = lines[index].strip().lstrip("#").strip()
         if not line.startswith("@package"):
-            header.append(line)
+            header.append(as_code(line))
         index += 1
     comments: dict[str, list[str]] = {}
     above: list[str] = []
@@ -132,7 +133,7 @@ def comments_of(text: str) -> tuple[str, dict[str, str]]:
             above, last_key = [], None
             continue
         if stripped.startswith("#"):
-            note = stripped.lstrip("#").strip()
+            note = as_code(stripped.lstrip("#").strip())
             if last_key is not None and indent > last_indent:
                 comments[last_key].append(note)
             else:
@@ -151,6 +152,18 @@ def comments_of(text: str) -> tuple[str, dict[str, str]]:
         comments[path] = above + ([inline] if inline else [])
         above, last_key, last_indent = [], path, indent
     return " ".join(header), {path: " ".join(notes) for path, notes in comments.items() if notes}
+
+
+def as_code(line: str) -> str:
+    """A comment line that is a command (an example to copy) as inline code, so that joining
+    the comment's lines into one table cell keeps it recognisable."""
+    command, _, remark = line.partition("  ")
+    if not command.startswith(COMMANDS):
+        return line
+    remark = remark.strip()
+    if remark and not remark.startswith("("):
+        remark = f"({remark})"
+    return f"`{command}`" + (f" {remark}" if remark else "")
 
 
 def target_summary(target: str | None) -> str:
