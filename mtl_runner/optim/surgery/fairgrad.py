@@ -1,0 +1,110 @@
+"""``surgery=fairgrad``: alpha-fair resource allocation (Ban & Ji, "Fair Resource
+Allocation in Multi-Task Learning", ICML 2024, Algorithm 1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtl_runner.optim.surgery.base import GramianWeighting, Space
+from mtl_runner.optim.surgery.simplex import host_resident
+
+#: Step sizes tried at once by the line search of each Newton iteration (1, 1/2, ...).
+LINE_SEARCH_STEPS = 24
+
+
+class FairGrad(GramianWeighting):
+    """``w > 0`` with ``M w = w^(-1/alpha)`` (elementwise), ``d = sum_t w_t g_t``: the
+    paper's optimality condition of maximising ``sum_t u(g_t . d)`` under
+    ``||d|| <= 1``, ``u`` the alpha-fair utility. ``alpha = 1`` is proportional fairness
+    (Nash-MTL's equation ``M w = 1 / w``), ``alpha = 2`` minimum potential delay,
+    large ``alpha`` approaches max-min fairness; the paper tunes ``alpha`` per benchmark.
+
+    How it is solved: ``M w = w^(-1/alpha)`` is the stationarity condition of the strictly
+    convex potential ``F(w) = 0.5 w^T M w - sum_t h(w_t)`` with ``h' (w) = w^(-1/alpha)``
+    (``h = log`` for ``alpha = 1``, else ``w^(1 - 1/alpha) / (1 - 1/alpha)``), so the solution
+    is ``F``'s unique minimiser. It is found by at most ``optim_niter`` Newton steps (Hessian
+    ``M + diag(w^(-1/alpha - 1) / alpha)``), each with a batched line search over step sizes
+    ``1, 1/2, ..., 2^-23`` that keeps ``w > 0`` and never increases ``F`` (see
+    :func:`_newton`), in float64, on
+    ``G = M / ||M||_F`` (then ``w = a ||M||_F^(-alpha / (alpha + 1))``), warm-started from the
+    previous step's solution (saved in :meth:`state_dict`). On the CPU the loop stops once
+    a step no longer changes ``w`` (the same result as running on).
+
+    Scale: the paper's ``d = sum_t w_t g_t`` (docs/methods.md), not ``J.sum(0)``'s scale:
+    ``w`` is set by the gradients' norms (``w_t = ||g_t||^(-2 alpha / (alpha + 1))`` for
+    orthogonal rows), the same scale as torchjd's FairGrad.
+
+    Deviations: the authors' code (and torchjd) solve the equation as a nonnegative least
+    squares problem with SciPy on the host each step; here it is a damped Newton method in
+    torch on the Gramian's device (the same solution where one exists). Zero and dropped
+    rows get weight 0 and the others are solved without them. When 0 is a positive
+    combination of the rows (Pareto stationarity) no solution exists: ``F`` is unbounded
+    below along that combination and ``d`` shrinks towards 0 (stays finite).
+    """
+
+    def __init__(self, alpha: float = 2.0, optim_niter: int = 20, space: Space = "params") -> None:
+        if not alpha > 0:
+            raise ValueError(f"surgery.alpha must be > 0, got {alpha!r}")
+        if optim_niter < 1:
+            raise ValueError(f"surgery.optim_niter must be a positive integer, got {optim_niter!r}")
+        super().__init__(space)
+        self.alpha = alpha
+        self.optim_niter = optim_niter
+        self.previous: Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "previous": None if self.previous is None else self.previous.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.previous = None if state["previous"] is None else state["previous"].clone()
+
+    def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        size = gramian.shape[0]
+        diagonal = gramian.diagonal()
+        scale = torch.linalg.matrix_norm(gramian)
+        active = diagonal > diagonal.max() * size * torch.finfo(gramian.dtype).eps
+        identity = torch.eye(size, dtype=gramian.dtype, device=gramian.device)
+        # Inactive tasks are decoupled (their block is the identity, solution 1), then zeroed.
+        normalised = torch.where(active[:, None] & active[None, :], gramian / torch.where(scale > 0, scale, 1), identity)
+        exponent = self.alpha / (self.alpha + 1)
+        start = normalised.diagonal().clamp_min(torch.finfo(gramian.dtype).tiny).pow(-exponent)  # exact if orthogonal
+        unscale = scale.clamp_min(torch.finfo(gramian.dtype).tiny).pow(exponent)
+        if self.previous is not None and self.previous.shape == (size,):
+            previous = self.previous.to(device=gramian.device, dtype=gramian.dtype) * unscale
+            start = torch.where(previous > 0, previous, start)
+        start = torch.where(active & torch.isfinite(start), start, 1)
+        solution = _newton(normalised.double(), start.double(), self.alpha, self.optim_niter).to(gramian.dtype)
+        weights = torch.where(active, solution / unscale, 0)
+        self.previous = weights
+        return weights
+
+
+def _newton(gramian: Tensor, w: Tensor, alpha: float, iterations: int) -> Tensor:
+    """Damped Newton on ``F`` from ``w > 0``, at most ``iterations`` steps.
+
+    The step size is the largest of ``1, 1/2, ...`` that keeps ``w > 0`` and where the
+    slope of ``F`` along the Newton direction is still <= 0: ``F`` is convex along the
+    line, so it has not increased there. Slopes are gradients, accurate to round-off
+    near the solution, where differences of ``F`` itself are lost in it. On the CPU the
+    loop stops once a step no longer changes ``w`` (later steps would repeat it)."""
+    steps = 0.5 ** torch.arange(LINE_SEARCH_STEPS, dtype=gramian.dtype, device=gramian.device)
+    stop_early = host_resident(gramian)
+    for _ in range(iterations):
+        gradient = gramian @ w - w.pow(-1 / alpha)
+        hessian = gramian + torch.diag(w.pow(-1 / alpha - 1) / alpha)
+        direction = -torch.linalg.solve_ex(hessian, gradient)[0]
+        candidates = w + steps[:, None] * direction
+        inside = (candidates > 0).all(-1)
+        positive = torch.where(inside[:, None], candidates, 1)
+        slopes = ((positive @ gramian - positive.pow(-1 / alpha)) * direction).sum(-1)
+        acceptable = inside & (slopes <= 0) & torch.isfinite(slopes)
+        first = acceptable.to(torch.int8).argmax()  # the largest acceptable step
+        moved = torch.where(acceptable.any(), candidates[first], w)
+        if stop_early and torch.equal(moved, w):
+            break
+        w = moved
+    return w
