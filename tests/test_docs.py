@@ -88,6 +88,18 @@ def test_every_option_is_generated() -> None:
             )
 
 
+def test_every_method_is_defined_in_the_methods_page() -> None:
+    """The generated index lists every method; a definition has to be written by hand."""
+    written = gen_docs.MARKER.sub("", (ROOT / "docs/methods.md").read_text())
+    undefined = [
+        f"{group}={file.stem}"
+        for group in gen_docs.METHOD_GROUPS
+        for file in sorted((ROOT / "conf" / group).glob("*.yaml"))
+        if not re.search(rf"^\| `{re.escape(file.stem)}`", written, re.M)
+    ]
+    assert not undefined, f"no definition (a table row) in docs/methods.md for: {', '.join(undefined)}"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
 def test_relative_links_resolve_inside_the_repository(page: Path) -> None:
     broken = []
