@@ -22,7 +22,8 @@ class ConFIG(GramianWeighting):
     gives ``g_v = w_v @ J`` with ``w_v = D C^+ 1``, and
     ``d = (1^T M w_v / w_v^T M w_v) w_v @ J``. ``C^+`` comes from ``C``'s eigenvalues in
     float64; eigenvalues below ``T`` units of round-off of the Gramian's dtype (relative to
-    the largest) count as zero.
+    the largest) count as zero. ``torch.linalg.eigh`` checks its result, which on CUDA is
+    one device synchronisation per step (as in aligned_mtl).
 
     Scale: the paper's direction (a sum of projections: ``T g`` for ``T`` identical rows
     ``g``), which is docs/methods.md's convention; torchjd's ConFIG (unit preference
