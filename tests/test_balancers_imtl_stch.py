@@ -1,7 +1,7 @@
 """IMTL-L (and the IMTL hybrid) and STCH: each paper's defining property, agreement with
-the paper's formula written out and differentiated by autograd (torchjd 0.18 has neither
-method: both act on loss values, its aggregators on gradients), degenerate inputs, state
-round trips, and short end-to-end runs including an exact resume."""
+torchjd 0.18's scalarisers (``torchjd.scalarization.IMTLL`` and ``STCH``, run as oracles
+under autograd), degenerate inputs, state round trips, and short end-to-end runs including
+an exact resume."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor
+from torchjd import scalarization
 
 from mtl_runner.cli import CONF_DIR
 from mtl_runner.errors import ConfigError
@@ -61,7 +62,8 @@ def task_losses(theta: Tensor, scales: Tensor) -> Tensor:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_round_trip_gives_identical_weights(name: str) -> None:
-    a = make(name, **({"warmup_epochs": 2} if name == "stch" else {}))
+    options = {"warmup_epochs": 2} if name == "stch" else {}
+    a = make(name, **options)
     if isinstance(a, IMTLL):
         fit_scales(a, torch.tensor([3.0, 0.02, 50.0]), steps=20)
     for epoch_mean in (torch.tensor([2.0, 0.5, 9.0]), torch.tensor([1.5, 0.4, 7.0])):
@@ -70,7 +72,7 @@ def test_state_dict_round_trip_gives_identical_weights(name: str) -> None:
     buffer = io.BytesIO()
     torch.save(a.state_dict(), buffer)
     buffer.seek(0)
-    b = instantiate(OmegaConf.load(CONF_DIR / "balancer" / f"{name}.yaml"), **({"warmup_epochs": 2} if name == "stch" else {}))
+    b = instantiate(OmegaConf.load(CONF_DIR / "balancer" / f"{name}.yaml"), **options)
     b.setup(TASKS, None)
     b.load_state_dict(torch.load(buffer, weights_only=True))
     for losses in (torch.tensor([1.0, 0.3, 6.0]), torch.tensor([0.9, 0.35, 4.0])):
@@ -79,13 +81,12 @@ def test_state_dict_round_trip_gives_identical_weights(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_no_host_sync_in_weights(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_host_sync_in_weights_and_epoch_end(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("host synchronisation in a balancer hook")
+
     for options in ({}, {"warmup_epochs": 0}) if name == "stch" else ({},):
         balancer = make(name, **options)
-
-        def refuse(*args: object, **kwargs: object) -> None:
-            raise AssertionError("host synchronisation in a per-step balancer hook")
-
         with monkeypatch.context() as patch:
             for attr in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
                 patch.setattr(Tensor, attr, refuse)
@@ -141,13 +142,16 @@ def test_imtl_l_effective_gradient_is_invariant_to_a_loss_scale_at_the_optimum()
     torch.testing.assert_close(gradients[0], gradients[1], rtol=2e-3, atol=0)
 
 
-def test_imtl_l_engine_gradients_are_the_papers_objective() -> None:
+def test_imtl_l_engine_gradients_match_torchjd() -> None:
     """The engine's two backward passes (model with detached weights, s with the balancer's
-    objective) give the gradient of ``sum_t e^{s_t} L_t - s_t`` in both the model and s."""
+    objective) give torchjd's IMTLL gradients of ``sum_t e^{s_t} L_t - s_t`` in the model and s."""
     theta = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=F64, requires_grad=True)
-    s = torch.tensor([0.4, -2.0, 1.1], dtype=F64, requires_grad=True)
+    s = torch.tensor([0.4, -2.0, 1.1], dtype=F64)
     losses = task_losses(theta, torch.tensor([1.0, 10.0, 0.1], dtype=F64))
-    want_theta, want_s = torch.autograd.grad((s.exp() * losses - s).sum(), (theta, s), retain_graph=True)
+    oracle = scalarization.IMTLL(T).double()
+    with torch.no_grad():
+        oracle.log_scale.copy_(s)
+    want_theta, want_s = torch.autograd.grad(oracle(losses), (theta, oracle.log_scale), retain_graph=True)
 
     balancer = IMTLL()
     balancer.setup(TASKS, None)
@@ -185,15 +189,6 @@ def test_imtl_experiment_is_imtl_l_with_imtl_g_and_combines_with_a_recipe() -> N
 # --------------------------------------------------------------------------- STCH
 
 
-def paper_stch(losses: Tensor, normaliser: Tensor, preference: Tensor, mu: float) -> Tensor:
-    """``T g_mu(f | lambda)`` with the paper's ``g_mu(f | lambda) = mu log sum_t exp(lambda_t
-    (f_t - z_t) / mu)``, ``f = log L`` and ``z = log n`` (the authors' MTL setting), and the
-    preference scaled to sum to ``T`` (their code's ``lambda_t = 1``)."""
-    num = losses.shape[0]
-    lam = num * preference / preference.sum()
-    return num * mu * torch.log(torch.exp(lam * (losses.log() - normaliser.log()) / mu).sum())
-
-
 def stch_after_warmup(normaliser: Tensor, **options: object) -> STCH:
     balancer = make("stch", warmup_epochs=1, **options)
     assert isinstance(balancer, STCH)
@@ -202,7 +197,9 @@ def stch_after_warmup(normaliser: Tensor, **options: object) -> STCH:
 
 
 @pytest.mark.parametrize("mu", [0.05, 1.0, 20.0])
-def test_stch_weights_are_the_gradient_of_the_papers_objective(mu: float) -> None:
+def test_stch_weights_are_the_gradient_of_torchjds_stch_on_the_log_losses(mu: float) -> None:
+    """``F = T STCH_mu(log L | lambda, z* = log n)`` with torchjd's scalariser (the paper's
+    formula), the preference scaled to mean 1 as in the authors' code."""
     theta = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=F64, requires_grad=True)
     losses = task_losses(theta, torch.tensor([1e-2, 1.0, 1e2], dtype=F64))
     normaliser = torch.tensor([0.02, 3.0, 300.0])
@@ -211,7 +208,8 @@ def test_stch_weights_are_the_gradient_of_the_papers_objective(mu: float) -> Non
     lam = torch.tensor([2.0, 0.5, 1.0], dtype=F64)
     w = balancer.weights(losses.detach())
     (weighted,) = torch.autograd.grad((w * losses).sum(), theta, retain_graph=True)
-    (exact,) = torch.autograd.grad(paper_stch(losses, normaliser.to(F64), lam, mu), theta, retain_graph=True)
+    oracle = scalarization.STCH(mu, weights=lam * T / lam.sum(), reference=normaliser.to(F64).log())
+    (exact,) = torch.autograd.grad(T * oracle(losses.log()), theta, retain_graph=True)
     torch.testing.assert_close(weighted, exact)
     (own,) = torch.autograd.grad(balancer.objective(losses), theta)
     torch.testing.assert_close(own, exact)
