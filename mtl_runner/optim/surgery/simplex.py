@@ -26,7 +26,13 @@ move every entry that violates the KKT conditions to the other side, repeat, at 
 :data:`PIVOTS` times. A convex problem's KKT point is its optimum, so the result is the
 enumeration's answer (more accurate, being float64); a row that does not settle falls
 back to the enumeration. On a GPU the enumeration runs every step (a handful of batched
-kernels), so nothing waits on the device.
+kernels), so nothing waits on the device. :func:`_solve` is that dispatch, written once
+for the three problems.
+
+Why this module is long: each of the three problems (min norm in the hull, dual-cone
+projection, CAGrad's dual) needs its enumeration, its pivoting step and its fallback, and
+they share the support machinery, the tolerances and the driver; split per problem, each
+file would import nearly all of the rest.
 """
 
 from __future__ import annotations
@@ -102,6 +108,31 @@ def _pivot(step: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], free: Tensor
     return solution, optimal
 
 
+def _solve(
+    gramian: Tensor,
+    hint: Tensor | None,
+    step: Callable[..., tuple[Tensor, Tensor, Tensor]],
+    data: tuple[Tensor, ...],
+    enumerated: Callable[[Tensor | None], Tensor],
+    approximate: Callable[[], Tensor],
+) -> Tensor:
+    """The one solver dispatch of every problem here, for rows of solutions ``(R, T)``
+    (see the module docstring): beyond :data:`MAX_EXACT_TASKS`, ``approximate()``; on
+    the CPU with a ``hint`` (free sets ``(R, T)``), block principal pivoting in float64,
+    ``step(gramian, *data, free)`` being the problem's :func:`_pivot` step, and the rows
+    that do not settle go to ``enumerated(rows)`` (a boolean row mask); otherwise
+    ``enumerated(None)``, every row by support enumeration."""
+    if gramian.shape[0] > MAX_EXACT_TASKS:
+        return approximate()
+    if hint is None or not host_resident(gramian):
+        return enumerated(None)
+    solution, optimal = _pivot(partial(step, gramian.double(), *(tensor.double() for tensor in data)), hint)
+    solution = solution.to(gramian.dtype)
+    if bool(optimal.all()):
+        return solution
+    return solution.index_put((~optimal,), enumerated(~optimal))
+
+
 @lru_cache(maxsize=64)
 def supports(num_tasks: int, device: torch.device, with_empty: bool = False) -> Tensor:
     """Every non-empty subset of the tasks (and the empty one first, if asked) as a
@@ -160,14 +191,20 @@ def min_norm_weights(gramian: Tensor, hint: Tensor | None = None) -> Tensor:
     """``argmin_{w in simplex} w^T M w``: the convex weights of the minimum-norm point of
     the convex hull of the rows (MGDA's subproblem). ``hint``: a support ``(T,)`` to try
     first (see the module docstring)."""
-    num_tasks = gramian.shape[0]
-    if num_tasks > MAX_EXACT_TASKS:
-        return _min_norm_projected_gradient(gramian)
-    if hint is not None and host_resident(gramian):
-        w, optimal = _pivot(partial(_min_norm_on, gramian.double()), hint[None])
-        if bool(optimal.all()):
-            return w[0].to(gramian.dtype)
-    mask = supports(num_tasks, gramian.device)
+    return _solve(
+        gramian,
+        None if hint is None else hint[None],
+        _min_norm_on,
+        (),
+        lambda rows: _min_norm_enumerated(gramian)[None],
+        lambda: _min_norm_projected_gradient(gramian)[None],
+    )[0]
+
+
+def _min_norm_enumerated(gramian: Tensor) -> Tensor:
+    """Every support's candidate ``w`` proportional to ``M_SS^-1 1``, the feasible one with
+    the lowest norm."""
+    mask = supports(gramian.shape[0], gramian.device)
     ones = mask.to(gramian.dtype)[..., None]
     z, solved = solve_on_support(gramian, mask, ones)  # w_S proportional to (M_SS)^-1 1
     candidates, feasible = _onto_simplex_face(z[..., 0], mask)
@@ -217,16 +254,14 @@ def dual_cone_weights(gramian: Tensor, lower: Tensor, hint: Tensor | None = None
     onto the dual cone ``{x : J x >= 0}`` (Quinton & Rey 2024, Proposition 1), so the
     projection is found from the Gramian alone. ``hint``: free sets ``(R, T)`` to try
     first (see the module docstring); rows whose hint fails are enumerated."""
-    num_tasks = gramian.shape[0]
-    if num_tasks > MAX_EXACT_TASKS:
-        return _dual_cone_projected_gradient(gramian, lower)
-    if hint is not None and host_resident(gramian):
-        v, optimal = _pivot(partial(_dual_cone_on, gramian.double(), lower.double()), hint)
-        v = v.to(gramian.dtype)
-        if bool(optimal.all()):
-            return v
-        return v.index_put((~optimal,), _dual_cone_enumerated(gramian, lower[~optimal]))
-    return _dual_cone_enumerated(gramian, lower)
+    return _solve(
+        gramian,
+        hint,
+        _dual_cone_on,
+        (lower,),
+        lambda rows: _dual_cone_enumerated(gramian, lower if rows is None else lower[rows]),
+        lambda: _dual_cone_projected_gradient(gramian, lower),
+    )
 
 
 def _dual_cone_on(gramian: Tensor, lower: Tensor, free: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -284,14 +319,20 @@ def cagrad_weights(gramian: Tensor, radius: Tensor, hint: Tensor | None = None) 
     num_tasks = gramian.shape[0]
     mean = torch.full((num_tasks,), 1 / num_tasks, dtype=gramian.dtype, device=gramian.device)
     toward_mean = gramian @ mean
-    if num_tasks > MAX_EXACT_TASKS:
-        return _cagrad_projected_gradient(gramian, toward_mean, radius)
-    if hint is not None and host_resident(gramian):
-        step = partial(_cagrad_on, gramian.double(), toward_mean.double(), radius.double())
-        w, optimal = _pivot(step, hint[None])
-        if bool(optimal.all()):
-            return w[0].to(gramian.dtype)
-    mask = supports(num_tasks, gramian.device)
+    return _solve(
+        gramian,
+        None if hint is None else hint[None],
+        _cagrad_on,
+        (toward_mean, radius),
+        lambda rows: _cagrad_enumerated(gramian, toward_mean, radius)[None],
+        lambda: _cagrad_projected_gradient(gramian, toward_mean, radius)[None],
+    )[0]
+
+
+def _cagrad_enumerated(gramian: Tensor, toward_mean: Tensor, radius: Tensor) -> Tensor:
+    """Every support's stationary and min-norm candidates, the valid one with the lowest
+    objective."""
+    mask = supports(gramian.shape[0], gramian.device)
     stationary, feasible, min_norm, min_norm_feasible = _cagrad_candidates(gramian, toward_mean, radius, mask)
     candidates = torch.cat([stationary, min_norm])
     valid = torch.cat([feasible, min_norm_feasible])
