@@ -176,9 +176,8 @@ def target_summary(target: str | None) -> str:
     obj = getattr(module, attribute)
     own = obj.__dict__.get("__doc__") if isinstance(obj, type) else obj.__doc__
     module_doc = module.__doc__ or ""
-    if re.match(r"\s*``\+?[\w/]+=", module_doc) or not own:
-        return first_sentence(module_doc)
-    return first_sentence(own)
+    sentence = first_sentence(module_doc if re.match(r"\s*``\+?[\w/]+=", module_doc) or not own else own)
+    return re.sub(r"^`\+?[\w/]+=[\w|]+`:\s*", "", sentence)  # the option's own name, which the table shows
 
 
 def first_sentence(docstring: str) -> str:
