@@ -5,15 +5,20 @@ MTAN``). A new strategy subclasses :class:`SharingModel`, gets a YAML in
 """
 
 from mtl_runner.models.sharing.base import BackboneFactory, SharingModel, build_columns, strategy_name
+from mtl_runner.models.sharing.cgc import CGC
 from mtl_runner.models.sharing.cross_stitch import CrossStitch
+from mtl_runner.models.sharing.dselect_k import DSelectK
 from mtl_runner.models.sharing.film import FiLM
 from mtl_runner.models.sharing.hard import HardSharing
+from mtl_runner.models.sharing.learning_to_branch import LearningToBranch
 from mtl_runner.models.sharing.mmoe import MMoE
 from mtl_runner.models.sharing.mtan import MTAN
 from mtl_runner.models.sharing.none import Separate
+from mtl_runner.models.sharing.ple import PLE
 from mtl_runner.models.sharing.soft import SoftSharing
 
 __all__ = [
-    "SharingModel", "BackboneFactory", "build_columns", "strategy_name",
-    "CrossStitch", "FiLM", "HardSharing", "MMoE", "MTAN", "Separate", "SoftSharing",
+    "BackboneFactory", "SharingModel", "build_columns", "strategy_name",
+    "CGC", "CrossStitch", "DSelectK", "FiLM", "HardSharing", "LearningToBranch", "MMoE", "MTAN", "PLE",
+    "Separate", "SoftSharing",
 ]
