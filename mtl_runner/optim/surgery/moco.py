@@ -10,10 +10,11 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import Space, Surgery
+from mtl_runner.optim.surgery.carried_weights import CarriedSimplexWeights
 from mtl_runner.optim.surgery.simplex import project_onto_simplex
 
 
-class MoCo(Surgery):
+class MoCo(CarriedSimplexWeights, Surgery):
     """Per training step ``k = 1, 2, ...``: the tracked gradients follow the observed ones,
     ``Y <- Y - beta_k (Y - J)``; MGDA's weights take one projected gradient step on the
     tracked Gramian, ``lambda <- Proj_simplex(lambda - gamma_k (Y Y^T + rho I) lambda)``;
@@ -64,33 +65,23 @@ class MoCo(Surgery):
         self.rho = rho
         self.step = 0
         self.tracked: Tensor | None = None
-        self.simplex_weights: Tensor | None = None
 
     def setup(self, num_tasks: int, generator: torch.Generator | None) -> None:
         super().setup(num_tasks, generator)
         self.step = 0
         self.tracked = None
-        self.simplex_weights = torch.full((num_tasks,), 1 / num_tasks)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "tracked": None if self.tracked is None else self.tracked.clone(),
-            "simplex_weights": None if self.simplex_weights is None else self.simplex_weights.clone(),
-        }
+        return {**super().state_dict(), "step": self.step, "tracked": None if self.tracked is None else self.tracked.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.step = int(state["step"])
         self.tracked = None if state["tracked"] is None else state["tracked"].clone()
-        self.simplex_weights = None if state["simplex_weights"] is None else state["simplex_weights"].clone()
 
     def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
         size = jacobian.shape[0]
-        if self.simplex_weights is None or self.simplex_weights.shape != (size,):
-            raise ValueError(
-                f"surgery=moco was set up for {None if self.simplex_weights is None else self.simplex_weights.shape[0]} "
-                f"tasks but got {size}: call setup(num_tasks, generator) first"
-            )
+        weights = self.carried_weights(size, jacobian)
         finite = torch.isfinite(jacobian).all(1, keepdim=True)
         jacobian = torch.where(finite, jacobian, torch.zeros_like(jacobian))
         self.step += 1
@@ -99,7 +90,6 @@ class MoCo(Surgery):
         else:
             tracked = self.tracked.to(device=jacobian.device, dtype=jacobian.dtype)
             tracked = tracked - self.beta / self.step**self.beta_sigma * (tracked - jacobian)
-        weights = self.simplex_weights.to(device=jacobian.device, dtype=jacobian.dtype)
         gamma = self.gamma / self.step**self.gamma_sigma
         weights = project_onto_simplex(weights - gamma * (tracked @ (tracked.T @ weights) + self.rho * weights))
         self.tracked, self.simplex_weights = tracked, weights

@@ -4,16 +4,14 @@ Conflict-Avoidance", NeurIPS 2023, Algorithm 1)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting, Space
+from mtl_runner.optim.surgery.carried_weights import CarriedSimplexWeights
 from mtl_runner.optim.surgery.simplex import project_onto_simplex
 
 
-class MoDo(GramianWeighting):
+class MoDo(CarriedSimplexWeights, GramianWeighting):
     """Per training step, one projected gradient step on MGDA's weights,
     ``lambda <- Proj_simplex(lambda - gamma (G1^T G2 + rho I) lambda)``, then
     ``d = G lambda`` with the updated ``lambda``. ``lambda`` starts at ``1/T`` and is state
@@ -40,29 +38,10 @@ class MoDo(GramianWeighting):
         super().__init__(space)
         self.gamma = gamma
         self.rho = rho
-        self.simplex_weights: Tensor | None = None
-
-    def setup(self, num_tasks: int, generator: torch.Generator | None) -> None:
-        super().setup(num_tasks, generator)
-        self.simplex_weights = torch.full((num_tasks,), 1 / num_tasks)
-
-    def state_dict(self) -> dict[str, Any]:
-        weights = self.simplex_weights
-        return {**super().state_dict(), "simplex_weights": None if weights is None else weights.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        weights = state["simplex_weights"]
-        self.simplex_weights = None if weights is None else weights.clone()
 
     def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         size = gramian.shape[0]
-        if self.simplex_weights is None or self.simplex_weights.shape != (size,):
-            raise ValueError(
-                f"surgery=modo was set up for {None if self.simplex_weights is None else self.simplex_weights.shape[0]} "
-                f"tasks but got {size}: call setup(num_tasks, generator) first"
-            )
-        weights = self.simplex_weights.to(device=gramian.device, dtype=gramian.dtype)
+        weights = self.carried_weights(size, gramian)
         weights = project_onto_simplex(weights - self.gamma * (gramian @ weights + self.rho * weights))
         self.simplex_weights = weights
         return size * weights

@@ -4,16 +4,15 @@ Algorithms", NeurIPS 2023, Algorithm 1)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from mtl_runner.optim.surgery.base import GramianWeighting, Space
+from mtl_runner.optim.surgery.carried_weights import CarriedSimplexWeights
 from mtl_runner.optim.surgery.simplex import project_onto_simplex
 
 
-class SDMGrad(GramianWeighting):
+class SDMGrad(CarriedSimplexWeights, GramianWeighting):
     """The regularised MGDA subproblem ``min_{w in simplex} 0.5 ||G w + lamda g0||^2``
     (``g0 = mean_t g_t``, the target direction; ``G w = sum_t w_t g_t``), and
     ``d = (G w + lamda g0) / (1 + lamda)``: ``lamda = 0`` is MGDA's min-norm point, a large
@@ -54,20 +53,6 @@ class SDMGrad(GramianWeighting):
         self.lr = lr
         self.momentum = momentum
         self.niter = niter
-        self.simplex_weights: Tensor | None = None
-
-    def setup(self, num_tasks: int, generator: torch.Generator | None) -> None:
-        super().setup(num_tasks, generator)
-        self.simplex_weights = torch.full((num_tasks,), 1 / num_tasks)
-
-    def state_dict(self) -> dict[str, Any]:
-        weights = self.simplex_weights
-        return {**super().state_dict(), "simplex_weights": None if weights is None else weights.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        weights = state["simplex_weights"]
-        self.simplex_weights = None if weights is None else weights.clone()
 
     def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         size = gramian.shape[0]
@@ -75,7 +60,7 @@ class SDMGrad(GramianWeighting):
         scaled = gramian / torch.where(mean_norm > 0, mean_norm, 1) ** 2
         target = torch.full((size,), 1 / size, dtype=gramian.dtype, device=gramian.device)
         pull = self.lamda * (scaled @ target)  # the gradient of the cross term
-        w = self._start(size, gramian)
+        w = self.carried_weights(size, gramian)
         velocity = torch.zeros_like(w)
         for _ in range(self.niter):
             velocity = self.momentum * velocity + scaled @ w + pull
@@ -83,10 +68,3 @@ class SDMGrad(GramianWeighting):
         self.simplex_weights = w
         return size * (w + self.lamda * target) / (1 + self.lamda)
 
-    def _start(self, size: int, like: Tensor) -> Tensor:
-        if self.simplex_weights is None or self.simplex_weights.shape != (size,):
-            raise ValueError(
-                f"surgery=sdmgrad was set up for {None if self.simplex_weights is None else self.simplex_weights.shape[0]} "
-                f"tasks but got {size}: call setup(num_tasks, generator) first"
-            )
-        return self.simplex_weights.to(device=like.device, dtype=like.dtype)
