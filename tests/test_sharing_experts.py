@@ -281,7 +281,8 @@ def test_learning_to_branch_samples_in_training_and_is_deterministic_in_evaluati
         ("dselect_k", {"sharing.gamma": 0.0}, "sharing.gamma must be > 0"),
         ("learning_to_branch", {"sharing.tree": [[0, 0]]}, "sharing.tree=[[0, 0]]: needs one list per layer"),
         ("learning_to_branch", {"sharing.temperature": 0.0}, "sharing.temperature must be > 0"),
-        ("cgc", {"surgery": OmegaConf.load(CONF_DIR / "surgery" / "mgda.yaml"), "surgery.space": "features"}, "surgery.space=features"),
+        ("cgc", {"surgery": OmegaConf.load(CONF_DIR / "surgery" / "mgda.yaml"), "surgery.space": "features"},
+         "surgery.space=features"),
     ],
 )
 def test_bad_choices_are_one_line_config_errors(tmp_path: Path, sharing: str, values: dict[str, Any], fragment: str) -> None:
@@ -363,3 +364,16 @@ def test_trains_the_multi_input_dataset(tmp_path: Path, sharing: str) -> None:
     results = run_experiment(cfg, tmp_path)
     assert results["status"] == "completed" and results["steps"] == 6
     assert all(torch.isfinite(torch.tensor(v)) for v in results["test_losses"].values())
+
+
+def test_a_searched_tree_trains_as_a_fixed_tree_from_the_search_run(tmp_path: Path) -> None:
+    """The paper's two phases as two runs: the search's tree (``results.json``) fixed, its
+    weights loaded by name; the fixed model has exactly the size the search reported."""
+    search = run_experiment(_config("small_cnn", "learning_to_branch"), tmp_path / "search")
+    tree = search["parameters"]["tree"]
+    fixed = run_experiment(
+        _config("small_cnn", "learning_to_branch", {"sharing.tree": tree, "init_from": str(tmp_path / "search")}),
+        tmp_path / "fixed",
+    )
+    assert fixed["status"] == "completed" and fixed["parameters"]["tree"] == tree
+    assert fixed["parameters"]["mtl"] == search["parameters"]["tree_parameters"] < search["parameters"]["mtl"]

@@ -27,8 +27,8 @@ the last level. ``forward_passes_per_input = T * num_task_experts + num_shared_e
 
 Deviations: the paper's experts and towers are fully connected networks on embedded
 features; here the experts are the runner's backbones (convolutional for images) and the
-towers are the runner's task heads. The paper uses one task-specific and one shared
-expert in most experiments; those are the defaults.
+towers are the runner's task heads. The defaults (one task-specific and one shared
+expert) are the smallest CGC; the paper varies the expert counts per experiment.
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ class ExtractionLevel(nn.Module):
     ) -> None:
         super().__init__()
         self.task_names = tuple(task_names)
-        self.task_experts = nn.ModuleDict({t: nn.ModuleList([make_expert() for _ in range(num_task_experts)]) for t in task_names})
+        self.task_experts = nn.ModuleDict(
+            {t: nn.ModuleList([make_expert() for _ in range(num_task_experts)]) for t in task_names}
+        )
         self.shared_experts = nn.ModuleList([make_expert() for _ in range(num_shared_experts)])
         self.task_gates = nn.ModuleDict(
             {t: nn.Sequential(make_gate_reader(), nn.Linear(gate_in, num_task_experts + num_shared_experts)) for t in task_names}

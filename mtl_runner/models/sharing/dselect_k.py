@@ -39,8 +39,9 @@ distribution; the paper states the method for powers of two. The selectors' logi
 near 0 (the per-example gate's rows for ``z`` are scaled down 100-fold from PyTorch's
 default initialisation; the static ``z`` is drawn from ``U(-gamma/100, gamma/100)``), so no
 smooth-step starts saturated. Every expert is evaluated even where the gate gives it no
-weight (no conditional computation). The defaults ``gamma=1``, ``k=2`` are the paper's
-usual setting; ``entropy_reg`` is off by default (its weight is tuned per dataset).
+weight (no conditional computation). The paper tunes ``gamma``, ``k``, the number of
+experts and the entropy weight per dataset; the defaults here (``gamma=1``, ``k=2``, 4
+experts, no entropy term) are a small starting point, not values taken from its tables.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ experts together cost that many passes through the level's stages).
 
 Deviations: as for ``sharing=cgc`` (backbone experts, the runner's heads as towers), and
 the deeper gates read per-channel means of feature maps rather than the whole maps. The
-paper's experiments mostly use two levels with one task-specific and one shared expert
-per level; those are the defaults.
+defaults (two levels, one task-specific and one shared expert per level) are the smallest
+PLE; the paper varies levels and expert counts per experiment.
 """
 
 from __future__ import annotations
