@@ -39,10 +39,11 @@ every node that only this task's branch passes through). ``last_shared_parameter
 ``forward_passes_per_input``: the number of last-layer nodes (``T``; 1 for a one-stage
 backbone, where the root is the only layer).
 
-Deviations: the paper's nodes are the layers of its own networks and its logits get their
-own optimiser settings; here a node is one stage of the runner's backbone and the logits
-share the optimiser of the weights. The temperature is constant (no annealing), and the
-search's weights are not reused automatically: the second phase is a separate run.
+Deviations: a node is one stage of the runner's backbone (the paper's nodes are layers of
+its own networks), and the tree's widths follow from the task count (``width``) rather
+than being set per experiment. The logits train with the weights' optimiser and learning
+rate, the temperature is constant over the run (no annealing schedule), and the second
+phase is a separate run (the search does not switch to its tree by itself).
 """
 
 from __future__ import annotations
