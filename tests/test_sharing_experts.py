@@ -334,7 +334,7 @@ def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(next(run_dir.rglob("last.pt")), map_location="cpu", weights_only=False)["model"]
 
 
-@pytest.mark.parametrize("sharing", ["ple", "dselect_k", "learning_to_branch"])
+@pytest.mark.parametrize("sharing", EXPERTS)
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, sharing: str) -> None:
     # A constant learning rate: the run cut after one epoch then plans the same steps as
     # the two-epoch run (a cosine schedule would stretch over the planned epochs).
