@@ -101,6 +101,9 @@ def test_every_method_class_is_exported_by_its_package(group: str, option: str) 
         (["resume=/no/such/run"], ["resume=/no/such/run: no checkpoint at /no/such/run/checkpoints/last.pt"]),
         (["-m", "resume=/no/such/run"], ["resume= applies to a single run"]),
         (["trainer.epochs=1", "trainer.epochs=[1"], ["cannot parse override"]),
+        (["trainer.precision=fp8"], ["trainer.precision='fp8' is not allowed; expected 32, bf16 or fp16"]),
+        (["trainer.strategy=ddp"], ["trainer.strategy=ddp runs under torchrun"]),
+        (["dataset=nyuv2", "dataset.root=/no/such/dir"], ["dataset.root=/no/such/dir: NYUv2 not found", "get it from"]),
     ],
 )
 def test_bad_input_is_one_line_error(
