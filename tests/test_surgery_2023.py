@@ -170,7 +170,7 @@ def test_fairgrad_with_alpha_one_is_nash_mtl_and_handles_zero_rows() -> None:
 
 def test_fairgrad_warm_start_and_early_stop_keep_the_solution(monkeypatch: pytest.MonkeyPatch) -> None:
     """A warm-started solve lands on the cold solve's answer; on the CPU the loop stops
-    when a step no longer changes w, with the full loop's result."""
+    once w has settled, with the full loop's result up to float64 round-off."""
     jacobian = conflicting(5, 20, seed=10)
     surgery = make("fairgrad", 5)
     cold = surgery(jacobian)
@@ -180,7 +180,7 @@ def test_fairgrad_warm_start_and_early_stop_keep_the_solution(monkeypatch: pytes
     assert torch.allclose(warm, make("fairgrad", 5)(nudged), rtol=1e-9)
     early = make("fairgrad", 5, optim_niter=60)(nudged)
     monkeypatch.setattr(fairgrad, "host_resident", lambda tensor: False)
-    assert torch.equal(make("fairgrad", 5, optim_niter=60)(nudged), early)
+    assert torch.allclose(make("fairgrad", 5, optim_niter=60)(nudged), early, rtol=1e-12, atol=0)
 
 
 # ------------------------------------------------------------------------ SDMGrad
