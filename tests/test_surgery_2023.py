@@ -90,6 +90,14 @@ def test_config_matches_torchjd(num_tasks: int, seed: int) -> None:
     assert torch.allclose(ours, aggregation.ConFIG()(jacobian), rtol=1e-9, atol=1e-12)
 
 
+def test_config_matches_torchjd_with_more_tasks_than_dimensions() -> None:
+    """Rank-deficient rows: no x has u_t . x = 1 for all t; both take the least-squares
+    solution of the pseudo-inverse."""
+    for seed in range(3):
+        jacobian = rows(6, 3, seed=150 + seed)
+        assert torch.allclose(make("config", 6)(jacobian), aggregation.ConFIG()(jacobian), rtol=1e-9, atol=1e-12)
+
+
 def test_config_leaves_a_zero_row_out_and_cancels_on_opposite_rows() -> None:
     g = rows(3, 10, seed=5)
     with_zero = g.clone()
