@@ -11,7 +11,8 @@ from mtl_runner.data.synthetic_scenes import synthetic_scenes
 from mtl_runner.models.backbones import SmallCNN
 from mtl_runner.models.sharing.hard import HardSharing
 from mtl_runner.optim.balancers.uniform import Uniform
-from mtl_runner.optim.jacobian import AUTO_TRIALS, GradientEngine
+from mtl_runner.optim.jacobian import GradientEngine
+from mtl_runner.optim.jacobian.strategy import AUTO_TRIALS
 from mtl_runner.optim.surgery.base import GramianWeighting
 from mtl_runner.optim.surgery.none import NoSurgery
 from tests.conftest import FixedWeights
@@ -95,7 +96,7 @@ def test_auto_settles_on_one_strategy(batch) -> None:
         model.zero_grad()
         out = engine.forward(x)
         losses = torch.stack([t.loss(out[t.name], y[t.name]) for t in ts.tasks])
-        tried.append(engine._choose())
+        tried.append(engine.choice.choose())
         engine.backward(losses, balancer.weights(losses))
     # vmap's warm-up call, then turns (load hits both alike), then the choice sticks.
     assert tried[: 1 + 2 * AUTO_TRIALS] == ["batched"] + ["sequential", "batched"] * AUTO_TRIALS

@@ -46,7 +46,9 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 
 @dataclass(frozen=True)
 class DataParallel:
-    """This process's place in the group, and the collectives the trainer needs."""
+    """This process's place in the group, and the collectives the trainer needs. Its
+    ``mean_`` and ``mean_grads_`` are what the gradient engine averages through
+    (:class:`mtl_runner.optim.reduction.CrossRankReduction`)."""
 
     rank: int
     world_size: int
