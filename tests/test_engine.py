@@ -103,6 +103,41 @@ def test_auto_settles_on_one_strategy(batch) -> None:
     assert engine.strategy in ("batched", "sequential") and tried[-1] == engine.strategy
 
 
+class OneRank:
+    """A one-rank group as the engine sees it (optim/reduction.py's protocol): means are
+    the identity; it records what the engine averaged."""
+
+    def __init__(self) -> None:
+        self.averaged: list[tuple[str, int]] = []
+
+    def mean_(self, tensors) -> None:
+        self.averaged.append(("rows", len(list(tensors))))
+
+    def mean_grads_(self, params) -> None:
+        self.averaged.append(("grads", sum(1 for p in params if p.grad is not None)))
+
+
+@pytest.mark.parametrize("surgery", [NoSurgery, HalfFirst], ids=["fast_path", "params_path"])
+def test_engine_averages_through_the_reduction_protocol(batch, surgery) -> None:
+    ts, x, y = batch
+    alone, _, _ = _grads(ts, x, y, Uniform(), surgery(), "sequential", False)
+    model = _model(ts)
+    balancer = Uniform()
+    balancer.setup(ts.tasks, None)
+    group = OneRank()
+    engine = GradientEngine(model, balancer, surgery(), "sequential", group)
+    out = engine.forward(x)
+    losses = torch.stack([t.loss(out[t.name], y[t.name]) for t in ts.tasks])
+    engine.backward(losses, balancer.weights(losses))
+    heads = sum(1 for n, _ in model.named_parameters() if n.startswith("heads"))
+    if surgery is NoSurgery:  # the summed gradient of every parameter, once
+        assert group.averaged == [("grads", sum(1 for _ in model.parameters()))]
+    else:  # the Jacobian and every head gradient, before the surgery acts
+        assert group.averaged == [("rows", 1 + heads)]
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, alone[name]), name
+
+
 def test_features_space_needs_a_row_weighting() -> None:
     class Elementwise(NoSurgery):
         is_row_weighting = False
