@@ -262,6 +262,21 @@ def test_moco_with_a_fixed_jacobian_approaches_mgda() -> None:
     assert torch.allclose(d, mgda, rtol=1e-3, atol=1e-5)
 
 
+def test_moco_loss_norm_rescales_rows_to_their_losses() -> None:
+    """gradient_norm=loss tracks L_t g_t / ||g_t|| instead of g_t (a zero row stays 0)."""
+    jacobian = conflicting(3, 8, seed=14)
+    jacobian[2] = 0
+    losses = torch.tensor([0.5, 2.0, 1.0], dtype=F64)
+    rescaled = jacobian * (losses / jacobian.norm(dim=1).clamp_min(1e-300))[:, None]
+    normed, raw = make("moco", 3, gradient_norm="loss"), make("moco", 3)
+    for _ in range(3):
+        assert torch.allclose(normed(jacobian, losses), raw(rescaled), rtol=1e-12)
+    assert isinstance(normed, MoCo) and normed.tracked is not None
+    assert torch.allclose(normed.tracked.norm(dim=1), torch.tensor([0.5, 2.0, 0.0], dtype=F64))
+    with pytest.raises(ValueError, match="needs the task losses"):
+        make("moco", 3, gradient_norm="loss")(jacobian)
+
+
 def test_moco_refuses_the_features_space() -> None:
     with pytest.raises(ValueError, match="space=params"):
         MoCo(space="features")
@@ -382,6 +397,7 @@ def test_no_host_sync_per_step(name: str, monkeypatch: pytest.MonkeyPatch) -> No
         (["surgery=sdmgrad", "surgery.momentum=1.0"], "surgery.momentum"),
         (["surgery=modo", "surgery.gamma=-0.1"], "surgery.gamma"),
         (["surgery=moco", "surgery.beta=1.5"], "surgery.beta"),
+        (["surgery=moco", "surgery.gradient_norm=l2"], "surgery.gradient_norm"),
         (["surgery=excess_mtl", "surgery.n_warmup_steps=-1"], "surgery.n_warmup_steps"),
         (["surgery=moco", "surgery.space=features"], "space=params"),
     ],

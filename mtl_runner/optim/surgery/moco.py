@@ -4,7 +4,7 @@ Provably Convergent Approach", ICLR 2023, Algorithm 1)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -12,6 +12,8 @@ from torch import Tensor
 from mtl_runner.optim.surgery.base import Space, Surgery
 from mtl_runner.optim.surgery.carried_weights import CarriedSimplexWeights
 from mtl_runner.optim.surgery.simplex import project_onto_simplex
+
+GradientNorm = Literal["raw", "loss"]
 
 
 class MoCo(CarriedSimplexWeights, Surgery):
@@ -34,11 +36,16 @@ class MoCo(CarriedSimplexWeights, Surgery):
     multiplied by ``T`` (docs/methods.md's convention). ``last_weights`` are ``T lambda``,
     the weights of the tracked rows.
 
+    ``gradient_norm``: ``raw`` tracks the gradients as they are (the paper's algorithm);
+    ``loss`` first rescales every row to the norm of its task's loss,
+    ``g_t <- L_t g_t / ||g_t||``, as LibMTL's MoCo (written from the authors' code) does
+    before tracking (a zero row stays zero). It needs the losses: ``surgery(J, losses)``.
+
     Deviations: the paper projects each tracked gradient onto a ball of radius ``L_i``
-    (a bound its analysis needs); that projection is left out, as in LibMTL. LibMTL's
-    version also rescales every gradient to the norm of its task's loss and replaces the
-    projection onto the simplex by a softmax; neither is done here (the paper's update).
-    Rows with a non-finite entry are dropped (counted as zero rows this step).
+    (a bound its analysis needs); that projection is left out, as in LibMTL. LibMTL also
+    replaces the projection of ``lambda`` onto the simplex by a softmax; here it is the
+    paper's projection. Rows with a non-finite entry (or a
+    non-finite loss, with ``gradient_norm=loss``) are dropped (zero rows this step).
     """
 
     def __init__(
@@ -48,6 +55,7 @@ class MoCo(CarriedSimplexWeights, Surgery):
         gamma: float = 0.1,
         gamma_sigma: float = 0.5,
         rho: float = 0.0,
+        gradient_norm: GradientNorm = "raw",
         space: Space = "params",
     ) -> None:
         if not 0 < beta <= 1:
@@ -57,12 +65,15 @@ class MoCo(CarriedSimplexWeights, Surgery):
         for key, value in (("beta_sigma", beta_sigma), ("gamma_sigma", gamma_sigma), ("rho", rho)):
             if not value >= 0:
                 raise ValueError(f"surgery.{key} must be >= 0, got {value!r}")
+        if gradient_norm not in ("raw", "loss"):
+            raise ValueError(f"surgery.gradient_norm must be raw or loss, got {gradient_norm!r}")
         super().__init__(space)
         self.beta = beta
         self.beta_sigma = beta_sigma
         self.gamma = gamma
         self.gamma_sigma = gamma_sigma
         self.rho = rho
+        self.gradient_norm = gradient_norm
         self.step = 0
         self.tracked: Tensor | None = None
 
@@ -82,6 +93,8 @@ class MoCo(CarriedSimplexWeights, Surgery):
     def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
         size = jacobian.shape[0]
         weights = self.carried_weights(size, jacobian)
+        if self.gradient_norm == "loss":
+            jacobian = self._to_loss_norm(jacobian, losses)
         finite = torch.isfinite(jacobian).all(1, keepdim=True)
         jacobian = torch.where(finite, jacobian, torch.zeros_like(jacobian))
         self.step += 1
@@ -95,3 +108,12 @@ class MoCo(CarriedSimplexWeights, Surgery):
         self.tracked, self.simplex_weights = tracked, weights
         self.last_weights = size * weights
         return self.last_weights @ tracked
+
+    def _to_loss_norm(self, jacobian: Tensor, losses: Tensor | None) -> Tensor:
+        """Rows rescaled to ``||g_t|| = L_t`` (a zero row stays zero; a non-finite loss
+        makes a non-zero row non-finite, so that it is dropped)."""
+        if losses is None:
+            raise ValueError("surgery.gradient_norm=loss needs the task losses: call surgery(J, losses)")
+        norms = jacobian.norm(dim=1, keepdim=True)
+        scale = losses.detach().to(jacobian.dtype)[:, None] / torch.where(norms > 0, norms, 1)
+        return jacobian * torch.where(norms > 0, scale, 0)
