@@ -50,12 +50,15 @@ from mtl_runner.models.backbones import MLP, Backbone, SmallCNN
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.uniform import Uniform
 from mtl_runner.optim.jacobian import GradientEngine, Strategy
+from mtl_runner.optim.jacobian.strategy import STRATEGIES
 from mtl_runner.optim.surgery.base import Surgery
 from mtl_runner.tasks import Task
 
 SURGERY_NAMES = sorted(p.stem for p in (CONF_DIR / "surgery").glob("*.yaml"))
 #: Targets of issue 3 that name methods.
 TORCHJD_TARGET_METHODS = ("pcgrad", "mgda", "upgrad")
+#: What mtl-run uses unless told otherwise.
+DEFAULT_JACOBIAN: Strategy = OmegaConf.load(CONF_DIR / "trainer" / "default.yaml").jacobian
 #: Cap on warm-up steps spent waiting for ``trainer.jacobian=auto`` to settle.
 MAX_SETTLE_STEPS = 20
 
@@ -395,8 +398,8 @@ def main() -> None:
                         help="untimed steps per column; engine columns under auto go on until it has settled")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per column per round")
     parser.add_argument("--rounds", type=int, default=4, help="rounds over all columns")
-    parser.add_argument("--jacobian", choices=["auto", "batched", "sequential"], default="auto",
-                        help="trainer.jacobian (default auto, the engine's default)")
+    parser.add_argument("--jacobian", choices=list(STRATEGIES), default=DEFAULT_JACOBIAN,
+                        help=f"trainer.jacobian (default {DEFAULT_JACOBIAN}, conf/trainer/default.yaml's)")
     parser.add_argument("--no-torchjd", dest="torchjd", action="store_false", help="skip the torchjd columns")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="warmup 2 (auto still settles), steps 1, rounds 3: noisy")
