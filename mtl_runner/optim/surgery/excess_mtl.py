@@ -36,12 +36,12 @@ class ExcessMTL(Surgery):
     the raw ``e`` (which depends on the gradients' scale) and divide by the baseline only
     from the second step; here the first step's ``r`` is 1 for every task (weights stay
     uniform), as the paper's normalised update implies. The paper's ``1/2`` in the Taylor
-    term cancels in ``r``. A coordinate that has
-    only ever seen zero gradients (``S_tp = 0``) contributes 0 (the authors add a constant
-    inside the square root, which makes ``e`` depend on the gradients' absolute scale);
-    a task whose baseline is 0 (its gradient was zero) has ``r = 0``. The weights are
-    updated in log space (a softmax of ``log alpha + step r``), the same update without
-    overflow. Rows with a non-finite entry are dropped (zero rows this step, weight 0).
+    term cancels in ``r``. A coordinate that has only ever seen zero gradients
+    (``S_tp = 0``) contributes 0 (the authors add a constant inside the square root, which
+    makes ``e`` depend on the gradients' absolute scale); a task whose baseline is 0 (its
+    gradient was zero) has ``r = 0``. The weights are updated in log space (a softmax of
+    ``log alpha + step r``), the same update without overflow. Rows with a non-finite
+    entry are dropped (zero rows this step, weight 0).
     """
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0, space: Space = "params") -> None:
