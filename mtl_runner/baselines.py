@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from mtl_runner import build, checkpoints, io
+from mtl_runner.assemble import build_run
 from mtl_runner.data.base import TaskSet
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.tasks import Task
@@ -164,37 +165,23 @@ def ensure_baseline(
             console.print(f"baseline {task_name}: incomplete or corrupt entry {directory}, rebuilding")
             shutil.rmtree(directory)
         console.print(f"baseline {task_name}: training into {directory}")
-        return _train(cfg, task_name, directory, taskset, console)
+        return _train(cfg, task_name, directory, taskset)
 
 
-def _train(cfg: DictConfig, task_name: str, directory: Path, taskset: TaskSet | None, console: Console) -> BaselineRecord:
-    from mtl_runner.runner import settings_from  # runner imports this module
-    from mtl_runner.train import finetune
-    from mtl_runner.train.logger import RunLogger
-    from mtl_runner.train.trainer import Trainer
-
+def _train(cfg: DictConfig, task_name: str, directory: Path, taskset: TaskSet | None) -> BaselineRecord:
     started = time.perf_counter()
     bcfg = baseline_config(cfg)
-    device = build.resolve_device(bcfg.trainer.device)
     full = taskset if taskset is not None else build.build_taskset(bcfg)
     if task_name not in full.task_names:
         raise ValueError(f"baseline of task {task_name!r}: dataset {full.name} has tasks {', '.join(full.task_names)}")
     single = full.only(task_name)
-    torch.manual_seed(bcfg.trainer.seed)
-    model = build.build_model(bcfg, single)
-    param_groups, callbacks = finetune.setup(model, bcfg, None, directory, resuming=False)
-    logger = RunLogger(directory / "tb")
-    config = OmegaConf.to_container(bcfg, resolve=True)
+    run = build_run(bcfg, directory, name=f"baseline {task_name}", taskset=single, diagnostics=False)
     try:
-        trainer = Trainer(
-            model, single, build.build_balancer(bcfg), build.build_surgery(bcfg), build.optimizer_factory(bcfg),
-            settings_from(bcfg), device, logger=logger, checkpoint_dir=checkpoints.checkpoint_dir(directory),
-            callbacks=callbacks, name=f"baseline {task_name}", config=config, param_groups=param_groups,
-        )
-        trainer.fit()
-        test = trainer.test()
+        run.trainer.fit()
+        test = run.trainer.test()
     finally:
-        logger.close()
+        run.logger.close()
+    trainer, model = run.trainer, run.model
     wall = time.perf_counter() - started
     task = single.tasks[0]
     record = BaselineRecord(
@@ -211,7 +198,7 @@ def _train(cfg: DictConfig, task_name: str, directory: Path, taskset: TaskSet | 
         "wall_time_s": wall,
         "epochs": trainer.state.epoch,
         "key_material": key_material(cfg, task_name),
-        "config": config,
+        "config": OmegaConf.to_container(bcfg, resolve=True),
         "checkpoint_sha256": _sha256(record.checkpoint_path),
     })
     return record

@@ -50,7 +50,9 @@ RUNTIME_ARGS: dict[str, frozenset[str]] = {
 
 @dataclass
 class TrainerConfig:
-    """Types of ``trainer.*``; the values live in ``conf/trainer/default.yaml``."""
+    """``trainer.*``: the trainer's settings themselves (:class:`mtl_runner.train.trainer.Trainer`
+    takes an instance). Types only: every value, defaults included, lives in
+    ``conf/trainer/default.yaml``, so a setting is written down once."""
 
     epochs: int = MISSING
     batch_size: int = MISSING
@@ -64,18 +66,24 @@ class TrainerConfig:
     jacobian: str = MISSING
     log_every_n_steps: int = MISSING
     progress: str = MISSING
-    num_workers: Optional[int] = None
+    num_workers: Optional[int] = MISSING
     checkpoint_every_n_steps: int = MISSING
     on_nonfinite: str = MISSING
     max_nonfinite_steps: int = MISSING
-    grad_clip_norm: Optional[float] = None
+    grad_clip_norm: Optional[float] = MISSING
     deterministic: bool = MISSING
     precision: str = MISSING
     compile: bool = MISSING
     channels_last: str = MISSING
-    num_threads: Optional[int] = None
+    num_threads: Optional[int] = MISSING
     strategy: str = MISSING
     sync_batchnorm: bool = MISSING
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> TrainerConfig:
+        """The settings of a composed run config (typed or, as a baseline's derived
+        config, plain): its ``trainer`` node checked against these types."""
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg.trainer))  # type: ignore[return-value]
 
 
 @dataclass

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from mtl_runner import io
 from mtl_runner.optim.jacobian import StepGradients
-from mtl_runner.train.trainer import Callback, Trainer
+from mtl_runner.train.callbacks import Callback
+from mtl_runner.train.trainer import Trainer
 
 #: Thresholds of the decision rule (docs/methods.md, "Diagnostics and the decision rule").
 CONFLICT_FRACTION = 0.20

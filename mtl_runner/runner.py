@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from mtl_runner import baselines, build, checkpoints, io, results
-from mtl_runner.diagnostics import ConflictDiagnostics, custom_scalars_layout
+from mtl_runner.assemble import build_run, prepare_process
 from mtl_runner.errors import ConfigError
 from mtl_runner.train import distributed
-from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.reference import evaluate_trivial, fit_trivial
-from mtl_runner.train.sharing_diagnostics import SharingDiagnostics
-from mtl_runner.train import finetune
-from mtl_runner.train.trainer import Trainer, TrainerSettings
-
-
-def settings_from(cfg: DictConfig) -> TrainerSettings:
-    t = cfg.trainer
-    return TrainerSettings(
-        epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, seed=t.seed,
-        lr_schedule=t.lr_schedule, warmup_epochs=t.warmup_epochs, jacobian=t.jacobian,
-        lr_step_epochs=t.lr_step_epochs, lr_step_gamma=t.lr_step_gamma,
-        log_every_n_steps=t.log_every_n_steps, progress=t.progress,
-        checkpoint_every_n_steps=t.checkpoint_every_n_steps, on_nonfinite=t.on_nonfinite,
-        max_nonfinite_steps=t.max_nonfinite_steps, grad_clip_norm=t.grad_clip_norm,
-        precision=str(t.precision), compile=t.compile, channels_last=t.channels_last,
-    )
 
 
 #: Config sections that must match between a run and its resumption (epochs may grow).
@@ -54,14 +35,6 @@ def load_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def configure_determinism(deterministic: bool) -> None:
-    """``trainer.deterministic=true``: PyTorch's deterministic algorithms everywhere."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
 
 
 HPARAM_GROUPS = ("dataset", "backbone", "sharing", "balancer", "surgery", "optimizer")
@@ -105,38 +78,11 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
     group = distributed.init_process_group(cfg.trainer.device) if cfg.trainer.strategy == "ddp" else None
     main = group is None or group.is_main
     console = Console(quiet=not main)
-    if cfg.trainer.num_threads is not None:
-        torch.set_num_threads(cfg.trainer.num_threads)
+    prepare_process(cfg)
     checkpoint = load_resume_checkpoint(cfg, run_dir) if cfg.resume else None
-    configure_determinism(cfg.trainer.deterministic)
-    device = build.resolve_device(cfg.trainer.device)
-    if group is not None:
-        device = distributed.device_for(group, device)
-    taskset = build.build_taskset(cfg)
-    torch.manual_seed(cfg.trainer.seed)
-    model = build.build_model(cfg, taskset)
-    if group is not None and cfg.trainer.sync_batchnorm:
-        model = distributed.sync_batchnorm(model, device)
-    param_groups, finetune_callbacks = finetune.setup(model, cfg, console, run_dir, resuming=checkpoint is not None)
-    balancer = build.build_balancer(cfg)
-    surgery = build.build_surgery(cfg)
-
-    logger = RunLogger(run_dir / "tb" if main else None, purge_step=checkpoint["state"]["step"] if checkpoint else None)
-    logger.custom_scalars(custom_scalars_layout())
-    diagnostics = ConflictDiagnostics(
-        taskset.task_names, cfg.diagnostics.every_n_steps, cfg.diagnostics.warmup_steps, run_dir if main else None,
-        space=surgery.space, histograms=cfg.diagnostics.histograms, console=console,
-    )
-    try:
-        trainer = Trainer(
-            model, taskset, balancer, surgery, build.optimizer_factory(cfg), settings_from(cfg), device,
-            logger=logger, checkpoint_dir=checkpoints.checkpoint_dir(run_dir) if main else None, name=run_name,
-            callbacks=[diagnostics, SharingDiagnostics(), *finetune_callbacks], config=OmegaConf.to_container(cfg, resolve=True),
-            param_groups=param_groups, distributed=group,
-        )
-    except ValueError as exc:  # incompatible choices found while wiring the run together
-        logger.close()
-        raise ConfigError(str(exc).splitlines()[0]) from None
+    run = build_run(cfg, run_dir, name=run_name, group=group, console=console,
+                    resume_step=checkpoint["state"]["step"] if checkpoint else None)
+    trainer, taskset, device = run.trainer, run.taskset, run.device
     try:
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
@@ -151,8 +97,8 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
             "fp16_overflow_steps": trainer.state.overflow_steps,
             "tasks": results.task_results(taskset.tasks, test.metrics, trivial),
             "test_losses": test.losses,
-            "parameters": {"mtl": build.count_parameters(model), **model.parameter_counts()},
-            "forward_passes_per_input": model.forward_passes_per_input,
+            "parameters": {"mtl": build.count_parameters(run.model), **run.model.parameter_counts()},
+            "forward_passes_per_input": run.model.forward_passes_per_input,
             "device": str(device),
             "epochs": trainer.state.epoch,
             "steps": trainer.state.step,
@@ -168,7 +114,7 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
         results.write(run_dir, out)
         results.print_summary(out, console)
         hparams = {**option_names(cfg, choices), "lr": float(cfg.optimizer.lr), "seed": int(cfg.trainer.seed)}
-        logger.hparams(hparams, results.final_metrics(out))
+        run.logger.hparams(hparams, results.final_metrics(out))
         return out
     finally:
-        logger.close()
+        run.logger.close()

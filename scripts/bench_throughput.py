@@ -33,12 +33,11 @@ from rich.console import Console
 from rich.table import Table
 
 from mtl_runner import build
-from mtl_runner.cli import CONF_DIR
+from mtl_runner.assemble import build_run
+from mtl_runner.config import CONF_DIR
 from mtl_runner.data.base import TaskSet
 from mtl_runner.models.sharing.base import SharingModel
-from mtl_runner.runner import settings_from
 from mtl_runner.train.logger import RunLogger
-from mtl_runner.train.trainer import Trainer
 
 #: The cnn3 workload of scripts/bench_steps.py on the built-in dataset: a 4-conv encoder
 #: (3->32->64->128->128, strides 1,2,2,1) on 3x64x64 images, seg + depth + count heads.
@@ -52,10 +51,9 @@ def compose_run(overrides: list[str]) -> DictConfig:
 
 def trainer_samples_per_s(cfg: DictConfig, taskset: TaskSet, model: SharingModel, device: torch.device, log_dir: Path,
                           utilisation: list[float] | None = None) -> float:
-    trainer = Trainer(
-        model, taskset, build.build_balancer(cfg), build.build_surgery(cfg), build.optimizer_factory(cfg),
-        settings_from(cfg), device, logger=RunLogger(log_dir), name="bench",
-    )
+    # As mtl-run wires it (diagnostics as configured), minus the run directory's files.
+    trainer = build_run(cfg, None, name="bench", taskset=taskset, model=model, logger=RunLogger(log_dir),
+                        console=Console(quiet=True)).trainer
     sampler = _UtilisationSampler(device) if utilisation is not None else None
     _sync(device)
     start = time.perf_counter()

@@ -174,20 +174,18 @@ def test_lookahead_matches_a_step_on_a_copied_model() -> None:
     from mtl_runner import build
     from mtl_runner.affinity.gradient import GradientAffinity
     from mtl_runner.affinity.lookahead import LookaheadAffinity
-    from mtl_runner.runner import settings_from
-    from mtl_runner.train.trainer import Trainer
+    from mtl_runner.assemble import build_run
 
     cfg = compose_config([o for o in CONTROLLED if not o.startswith("affinity.")] + ["dataset.alpha=0.5"])
     taskset = build.build_taskset(cfg)
     torch.manual_seed(0)
     model = build.build_model(cfg, taskset)
-    trainer = Trainer(model, taskset, build.build_balancer(cfg), build.build_surgery(cfg), build.optimizer_factory(cfg),
-                      settings_from(cfg), torch.device("cpu"), callbacks=[GradientAffinity(1)])
+    trainer = build_run(cfg, None, taskset=taskset, model=model, callbacks=[GradientAffinity(1)], diagnostics=False).trainer
     lookahead = LookaheadAffinity(trainer, lr=0.1, every_n_steps=1)
     batch = next(iter(taskset.train.batches(32, shuffle=False, generator=None, device=torch.device("cpu"))))
     before_model = copy.deepcopy(model)
     before = lookahead.snapshot()
-    _, _, grads, _ = trainer.train_step(batch)
+    grads = trainer.train_step(batch).grads
     z = lookahead.measure(before, batch, grads.jacobian)
 
     x, y = batch

@@ -334,16 +334,12 @@ def test_recipe_without_data_fails_in_preflight(tmp_path: Path, capsys: pytest.C
 
 
 def test_step_schedule_halves_the_rate_every_n_epochs() -> None:
-    from mtl_runner.build import build_balancer, build_model, build_surgery, build_taskset, optimizer_factory
-    from mtl_runner.runner import settings_from
-    from mtl_runner.train.trainer import Trainer
+    from mtl_runner.assemble import build_run
 
     cfg = compose_config(["dataset.num_train=8", "dataset.num_val=4", "dataset.num_test=4", "dataset.image_size=16",
                           "backbone.channels=[4,4,4,4]", "trainer.batch_size=4", "trainer.epochs=6",
                           "trainer.lr_schedule=step", "trainer.lr_step_epochs=2", "trainer.lr_step_gamma=0.5"])
-    taskset = build_taskset(cfg)
-    trainer = Trainer(build_model(cfg, taskset), taskset, build_balancer(cfg), build_surgery(cfg), optimizer_factory(cfg),
-                      settings_from(cfg), torch.device("cpu"))
+    trainer = build_run(cfg, None).trainer
     factors = [trainer._lr_factor(step) for step in range(0, 12, 2)]  # 2 steps per epoch: one per epoch
     assert factors == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
 

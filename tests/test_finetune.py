@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from mtl_runner import build
-from mtl_runner.config import ConfigError, validate
+from mtl_runner.assemble import build_run, check_compatible
+from mtl_runner.config import validate
+from mtl_runner.errors import ConfigError
 from mtl_runner.runner import run_experiment
 from mtl_runner.train import finetune
-from mtl_runner.train.trainer import Callback, Trainer
-from mtl_runner.runner import settings_from
+from mtl_runner.train.callbacks import Callback
+from mtl_runner.train.trainer import Trainer
 from tests.conftest import TINY, compose_config, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,17 +33,10 @@ def _model(seed: int, overrides: list[str] = ()) -> torch.nn.Module:
 
 
 def _trainer(overrides: list[str], extra_callbacks: list[Callback] = ()) -> Trainer:
-    """A trainer wired as ``runner._run`` wires it (finetune.setup included)."""
+    """A trainer wired as ``mtl-run`` wires it (fine-tuning included), without run files."""
     cfg = compose_config([*TINY, *overrides])
     validate(cfg)
-    taskset = build.build_taskset(cfg)
-    torch.manual_seed(cfg.trainer.seed)
-    model = build.build_model(cfg, taskset)
-    groups, callbacks = finetune.setup(model, cfg, None, None, resuming=False)
-    return Trainer(
-        model, taskset, build.build_balancer(cfg), build.build_surgery(cfg), build.optimizer_factory(cfg),
-        settings_from(cfg), torch.device("cpu"), callbacks=[*callbacks, *extra_callbacks], param_groups=groups,
-    )
+    return build_run(cfg, None, callbacks=extra_callbacks, diagnostics=False).trainer
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -100,8 +95,10 @@ def test_unreadable_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
     ],
 )
 def test_bad_finetune_options_are_rejected(overrides: list[str], message: str) -> None:
+    cfg = compose_config([*TINY, *overrides])
     with pytest.raises(ConfigError, match=message):
-        validate(compose_config([*TINY, *overrides]))
+        validate(cfg)
+        check_compatible(cfg)
 
 
 def test_too_many_frozen_stages_is_a_config_error() -> None:

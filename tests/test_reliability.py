@@ -16,7 +16,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtl_runner.runner import run_experiment
-from mtl_runner.train.trainer import NonFiniteError, Trainer
+from mtl_runner.train.nonfinite import NonFiniteError
+from mtl_runner.train.trainer import Trainer
 from tests.conftest import TINY, compose_config, run_cli
 
 RESUMABLE = [*TINY, "trainer.epochs=4", "trainer.checkpoint_every_n_steps=1", "diagnostics.every_n_steps=3"]

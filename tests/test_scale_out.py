@@ -15,11 +15,10 @@ import torch.multiprocessing as mp
 import yaml
 
 from mtl_runner import build
+from mtl_runner.assemble import build_run
 from mtl_runner.config import ConfigError
-from mtl_runner.runner import settings_from
 from mtl_runner.sweep import objective_value
 from mtl_runner.train import distributed
-from mtl_runner.train.trainer import Trainer
 from tests.conftest import TINY, compose_config, run_cli
 
 #: A tiny vector problem without batch norm (BN statistics are per rank without
@@ -34,17 +33,10 @@ DDP_CONFIG = [
 
 
 def _train(overrides: list[str], group: distributed.DataParallel | None) -> tuple[dict[str, torch.Tensor], dict]:
-    cfg = compose_config(overrides)
-    taskset = build.build_taskset(cfg)
-    torch.manual_seed(cfg.trainer.seed)
-    model = build.build_model(cfg, taskset)
-    trainer = Trainer(
-        model, taskset, build.build_balancer(cfg), build.build_surgery(cfg), build.optimizer_factory(cfg),
-        settings_from(cfg), torch.device("cpu"), distributed=group,
-    )
-    trainer.fit()
-    test = trainer.test()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, {"losses": test.losses, "metrics": test.metrics}
+    run = build_run(compose_config(overrides), None, group=group)
+    run.trainer.fit()
+    test = run.trainer.test()
+    return {k: v.detach().clone() for k, v in run.model.state_dict().items()}, {"losses": test.losses, "metrics": test.metrics}
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, overrides: list[str], out: str) -> None:

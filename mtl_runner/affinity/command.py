@@ -38,18 +38,13 @@ from mtl_runner.affinity.gradient import GradientAffinity
 from mtl_runner.affinity.lookahead import LookaheadAffinity
 from mtl_runner.affinity.outputs import AffinityMatrix, write_outputs
 from mtl_runner.affinity.transfer import transfer_affinity
+from mtl_runner.assemble import JOINT_RUN_MEASURES, build_run, prepare_process
 from mtl_runner.config import CONF_DIR, validate
 from mtl_runner.data.base import TaskSet
 from mtl_runner.errors import ConfigError
 from mtl_runner.models.sharing.base import strategy_name
 from mtl_runner.preflight import fail, preflight
-from mtl_runner.runner import configure_determinism, settings_from
 from mtl_runner.train.logger import RunLogger
-from mtl_runner.train.trainer import Trainer
-
-
-#: Measures taken during the joint training run (both need the step's task Jacobian).
-JOINT_RUN_MEASURES = ("gradient", "lookahead")
 
 
 @dataclass
@@ -67,21 +62,11 @@ def joint_run(ctx: Context, measures: list[str]) -> dict[str, AffinityMatrix]:
     """Train the configured multi-task model for ``affinity.steps`` steps and measure the
     gradient and/or lookahead affinity on every ``affinity.every_n_steps``-th step."""
     cfg, aff = ctx.cfg, ctx.cfg.affinity
-    torch.manual_seed(cfg.trainer.seed)
-    model = build.build_model(cfg, ctx.taskset)
-    surgery = build.build_surgery(cfg)
-    if surgery.space != "params":
-        raise ConfigError("mtl-affinity measures on the shared parameters: use surgery.space=params")
     gradient = GradientAffinity(aff.every_n_steps)
-    try:
-        trainer = Trainer(
-            model, ctx.taskset, build.build_balancer(cfg), surgery, build.optimizer_factory(cfg), settings_from(cfg),
-            ctx.device, logger=ctx.logger, callbacks=[gradient], name="affinity",
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc).splitlines()[0]) from None
+    trainer = build_run(cfg, None, name="affinity", taskset=ctx.taskset, logger=ctx.logger, callbacks=[gradient],
+                        diagnostics=False).trainer
     if not trainer.engine.shared:
-        raise ConfigError(f"mtl-affinity measures on shared parameters; sharing={strategy_name(model)} has none (use sharing=hard)")
+        raise ConfigError(f"mtl-affinity measures on shared parameters; sharing={strategy_name(trainer.model)} has none (use sharing=hard)")
     lr = float(aff.lookahead_lr if aff.lookahead_lr is not None else cfg.optimizer.lr)
     lookahead = LookaheadAffinity(trainer, lr, aff.every_n_steps) if "lookahead" in measures else None
     names = list(ctx.taskset.task_names)
@@ -92,10 +77,10 @@ def joint_run(ctx: Context, measures: list[str]) -> dict[str, AffinityMatrix]:
         batches = trainer.taskset.train.batches(cfg.trainer.batch_size, shuffle=True, generator=trainer.data_generator, device=ctx.device)
         for batch in batches:
             before = lookahead.snapshot() if lookahead is not None and lookahead.measures_step(step) else None
-            losses, _, grads, applied = trainer.train_step(batch)
-            ctx.logger.scalars([f"loss/train/{n}" for n in names], losses, step)
-            if before is not None and applied and grads.jacobian is not None:
-                z = lookahead.measure(before, batch, grads.jacobian)  # type: ignore[union-attr]
+            outcome = trainer.train_step(batch)
+            ctx.logger.scalars([f"loss/train/{n}" for n in names], outcome.losses, step)
+            if before is not None and outcome.applied and outcome.grads.jacobian is not None:
+                z = lookahead.measure(before, batch, outcome.grads.jacobian)  # type: ignore[union-attr]
                 ctx.logger.scalars([f"lookahead/{p}" for p in pairs], z[off_diagonal], step)
             step += 1
             if step >= aff.steps:
@@ -135,7 +120,7 @@ def run_affinity(cfg: DictConfig, out_dir: Path, console: Console | None = None)
     console = console or Console()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    configure_determinism(cfg.trainer.deterministic)
+    prepare_process(cfg)
     device = build.resolve_device(cfg.trainer.device)
     taskset = build.build_taskset(cfg)
     measures = list(cfg.affinity.measures)

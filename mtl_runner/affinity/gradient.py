@@ -13,7 +13,8 @@ from torch import Tensor
 
 from mtl_runner.diagnostics import cosine_matrix
 from mtl_runner.optim.jacobian import StepGradients
-from mtl_runner.train.trainer import Callback, Trainer
+from mtl_runner.train.callbacks import Callback
+from mtl_runner.train.trainer import Trainer
 
 
 class GradientAffinity(Callback):

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.jacobian import StepGradients
-from mtl_runner.train.trainer import Callback, Trainer
+from mtl_runner.train.callbacks import Callback
+from mtl_runner.train.trainer import Trainer
 
 
 class SharingDiagnostics(Callback):
