@@ -7,7 +7,7 @@ to pull in the layer that reports it.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DatasetRootError"]
+__all__ = ["ConfigError", "DatasetRootError", "ReportError"]
 
 
 class ConfigError(ValueError):
@@ -18,3 +18,7 @@ class ConfigError(ValueError):
 class DatasetRootError(FileNotFoundError):
     """A dataset's files (or a backbone's pretrained weights) are missing or incomplete;
     the message is one line naming the path, what is expected and where to get it."""
+
+
+class ReportError(Exception):
+    """Bad input to ``mtl-report`` (a path, a column, an output file): one line, exit code 2."""

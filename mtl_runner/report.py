@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mtl_runner import io as files
+from mtl_runner.errors import ReportError
 
 #: Overrides that never change results (how a run is shown or where it runs).
 IGNORED_OVERRIDES = frozenset({"trainer.progress", "trainer.device"})
@@ -47,10 +48,6 @@ class JobRow:
     task_deltas: dict[str, float | None] = field(default_factory=dict)
     delta_m: float | None = None
     error: str | None = None
-
-
-class ReportError(Exception):
-    """Bad input to mtl-report (one line, exit code 2)."""
 
 
 def _is_job(path: Path) -> bool:

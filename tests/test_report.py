@@ -11,7 +11,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from mtl_runner.report import JobRow, ReportError, build_table, collect, main, to_markdown
+from mtl_runner.errors import ReportError
+from mtl_runner.report import JobRow, build_table, collect, main, to_markdown
 from tests.conftest import run_cli
 from tests.test_baselines import VECTOR
 
