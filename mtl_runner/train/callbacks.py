@@ -19,9 +19,10 @@ from torch import Tensor
 from mtl_runner import io
 from mtl_runner.checkpoints import LAST_NAME
 from mtl_runner.optim.jacobian import StepGradients
+from mtl_runner.train.state import EvalResult, StepOutcome
 
 if TYPE_CHECKING:
-    from mtl_runner.train.trainer import EvalResult, StepOutcome, Trainer
+    from mtl_runner.train.trainer import Trainer
 
 
 class Callback:

@@ -22,17 +22,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from mtl_runner.config import TrainerConfig
 from mtl_runner.tasks import Task
 from mtl_runner.train.precision import LossScaler
-
-if TYPE_CHECKING:
-    from mtl_runner.train.trainer import FitState
+from mtl_runner.train.state import FitState
 
 
 class NonFiniteError(RuntimeError):

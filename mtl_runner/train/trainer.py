@@ -18,7 +18,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from mtl_runner.config import TrainerConfig
 from mtl_runner.data.base import Batch, Split, TaskSet
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.base import Balancer
-from mtl_runner.optim.jacobian import GradientEngine, StepGradients
+from mtl_runner.optim.jacobian import GradientEngine
 from mtl_runner.optim.surgery.base import Surgery
 from mtl_runner.train.callbacks import Callback
 from mtl_runner.train.distributed import DataParallel
@@ -36,50 +36,7 @@ from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.nonfinite import NonFiniteGuard
 from mtl_runner.train.precision import LossScaler, autocast
 from mtl_runner.train.progress import Progress
-
-
-@dataclass
-class EvalResult:
-    losses: dict[str, float]
-    metrics: dict[str, dict[str, float]]
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    """One training step as callbacks see it. ``losses``: the observed task losses (under
-    ddp those of the combined batch); ``applied``: False when the host knows the update
-    was skipped; ``finite``: the device guard's verdict when the host does not know yet."""
-
-    step: int
-    losses: Tensor
-    weights: Tensor
-    grads: StepGradients
-    applied: bool
-    finite: Tensor | None
-
-
-@dataclass
-class FitState:
-    """Counters that a checkpoint carries. ``batch_in_epoch`` > 0 marks a checkpoint taken
-    mid-epoch: resuming replays that epoch's batch order from ``epoch_data_state`` and
-    continues after the batches already trained on."""
-
-    epoch: int = 0
-    step: int = 0
-    batch_in_epoch: int = 0
-    epoch_data_state: Tensor | None = None
-    epoch_loss_sum: Tensor | None = None
-    epoch_batches: int = 0
-    nonfinite_steps: int = 0
-    consecutive_nonfinite: int = 0
-    overflow_steps: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def last_step(self) -> int:
-        """The index of the last completed step: epoch-level events are logged there, so a
-        resume that purges events from its own first step on never drops them."""
-        return self.step - 1
+from mtl_runner.train.state import EvalResult, FitState, StepOutcome
 
 
 class Trainer:
