@@ -7,9 +7,9 @@ fine-tuning, balancer, surgery, optimizer, settings, logging, checkpoints and
 diagnostics are put together in one way; a caller says only what differs (a taskset it
 already has, its own callbacks, where the files go).
 
-:func:`check_compatible` holds the checks of choices that are each valid but do not fit
-together. The preflight runs it on every job before Hydra starts; :func:`build_run`
-runs it again with the dataset in hand, for what only the data can tell.
+:func:`mtl_runner.build.check_compatible`, the checks of choices that are each valid but
+do not fit together, runs in the preflight of every job; :func:`build_run` runs it again
+with the dataset in hand, for what only the data can tell.
 """
 
 from __future__ import annotations
@@ -34,32 +34,6 @@ from mtl_runner.train.callbacks import Callback, Checkpointing, TrainingLog
 from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.sharing_diagnostics import SharingDiagnostics
 from mtl_runner.train.trainer import Trainer
-
-#: ``affinity.measures`` taken during a joint training run, on the shared parameters.
-JOINT_RUN_MEASURES = ("gradient", "lookahead")
-
-
-def check_compatible(cfg: DictConfig, taskset: TaskSet | None = None) -> None:
-    """Raise a one-line :class:`ConfigError` when chosen options do not fit together.
-    Without ``taskset`` the checks that need the data are left for :func:`build_run`."""
-    trainer = cfg.trainer
-    if trainer.sync_batchnorm and trainer.strategy != "ddp":
-        raise ConfigError("trainer.sync_batchnorm=true needs trainer.strategy=ddp (one process has no other ranks to sync with)")
-    ft = cfg.get("finetune")
-    if ft is not None and ft.reinit_heads and not cfg.get("init_from"):
-        raise ConfigError("finetune.reinit_heads=true needs init_from=<checkpoint or run dir>: without it every head is fresh already")
-    if ft is not None and ft.unfreeze_every > 0 and ft.freeze_stages == 0:
-        raise ConfigError(f"finetune.unfreeze_every={ft.unfreeze_every} needs finetune.freeze_stages >= 1 (stages to unfreeze)")
-    space = build.build_surgery(cfg).space
-    affinity = cfg.get("affinity")
-    if affinity is not None and set(affinity.measures) & set(JOINT_RUN_MEASURES) and space != "params":
-        raise ConfigError("mtl-affinity measures on the shared parameters: use surgery.space=params")
-    if taskset is not None and taskset.multi_input and space == "features":
-        raise ConfigError(
-            f"surgery.space=features needs one representation shared by all tasks, but dataset={taskset.name} "
-            "gives each task its own inputs: use surgery.space=params"
-        )
-
 
 def prepare_process(cfg: DictConfig) -> None:
     """Process-wide settings of a command: ``trainer.num_threads`` and
@@ -113,7 +87,7 @@ def build_run(
     if group is not None:
         device = distributed.device_for(group, device)
     taskset = taskset if taskset is not None else build.build_taskset(cfg)
-    check_compatible(cfg, taskset)
+    build.check_compatible(cfg, taskset)
     if model is None:
         torch.manual_seed(cfg.trainer.seed)
         model = build.build_model(cfg, taskset)

@@ -1,4 +1,6 @@
-"""Objects from a validated config: dataset, model, balancer, surgery, optimizer."""
+"""Objects from a validated config: dataset, model, balancer, surgery, optimizer; and the
+check that the chosen options fit together (:func:`check_compatible`), which needs some
+of them built."""
 
 from __future__ import annotations
 
@@ -75,3 +77,30 @@ def optimizer_factory(cfg: DictConfig) -> Any:
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+#: ``affinity.measures`` taken during a joint training run, on the shared parameters.
+JOINT_RUN_MEASURES = ("gradient", "lookahead")
+
+
+def check_compatible(cfg: DictConfig, taskset: TaskSet | None = None) -> None:
+    """Raise a one-line :class:`ConfigError` when chosen options do not fit together.
+    Without ``taskset`` the checks that need the data wait for
+    :func:`mtl_runner.assemble.build_run`, which passes it."""
+    trainer = cfg.trainer
+    if trainer.sync_batchnorm and trainer.strategy != "ddp":
+        raise ConfigError("trainer.sync_batchnorm=true needs trainer.strategy=ddp (one process has no other ranks to sync with)")
+    ft = cfg.get("finetune")
+    if ft is not None and ft.reinit_heads and not cfg.get("init_from"):
+        raise ConfigError("finetune.reinit_heads=true needs init_from=<checkpoint or run dir>: without it every head is fresh already")
+    if ft is not None and ft.unfreeze_every > 0 and ft.freeze_stages == 0:
+        raise ConfigError(f"finetune.unfreeze_every={ft.unfreeze_every} needs finetune.freeze_stages >= 1 (stages to unfreeze)")
+    space = build_surgery(cfg).space
+    affinity = cfg.get("affinity")
+    if affinity is not None and set(affinity.measures) & set(JOINT_RUN_MEASURES) and space != "params":
+        raise ConfigError("mtl-affinity measures on the shared parameters: use surgery.space=params")
+    if taskset is not None and taskset.multi_input and space == "features":
+        raise ConfigError(
+            f"surgery.space=features needs one representation shared by all tasks, but dataset={taskset.name} "
+            "gives each task its own inputs: use surgery.space=params"
+        )

@@ -207,7 +207,9 @@ ConfigStore.instance().store(name="config_schema", node=RunConfig)
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first problem found in a composed config."""
+    """Raise :class:`ConfigError` for the first problem found in a composed config's keys
+    and values; whether the chosen options fit together is for
+    :func:`mtl_runner.build.check_compatible`, which builds some of them."""
     for group in TARGET_GROUPS:
         node = cfg.get(group)
         if node is None:
@@ -225,14 +227,6 @@ def validate(cfg: DictConfig) -> None:
             good = False
         if not good:
             raise ConfigError(f"{key}={value!r} is not allowed; expected {allowed}")
-    if cfg.trainer.get("sync_batchnorm") and cfg.trainer.get("strategy") != "ddp":
-        raise ConfigError("trainer.sync_batchnorm=true needs trainer.strategy=ddp (one process has no other ranks to sync with)")
-    finetune = cfg.get("finetune")
-    if finetune is not None:
-        if finetune.reinit_heads and not cfg.get("init_from"):
-            raise ConfigError("finetune.reinit_heads=true needs init_from=<checkpoint or run dir>: without it every head is fresh already")
-        if finetune.unfreeze_every > 0 and finetune.freeze_stages == 0:
-            raise ConfigError(f"finetune.unfreeze_every={finetune.unfreeze_every} needs finetune.freeze_stages >= 1 (stages to unfreeze)")
 
 
 def validate_target_node(node: Any, path: str) -> None:

@@ -20,7 +20,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from mtl_runner.build import build_balancer, build_surgery
+from mtl_runner.build import build_balancer, build_surgery, check_compatible
 from mtl_runner.checkpoints import last_checkpoint
 from mtl_runner.config import CONF_DIR, validate
 from mtl_runner.data.roots import check_dataset
@@ -131,6 +131,7 @@ def preflight(argv: list[str], config_name: str = "config") -> list[str]:
                     build_balancer(cfg)
                 if "surgery" in cfg:
                     build_surgery(cfg)
+                    check_compatible(cfg)
                 check_dataset(cfg.dataset)
                 check_dataset(cfg.backbone)  # pretrained weights: fetched now, or one line
             except (ConfigError, DatasetRootError, ValueError) as exc:

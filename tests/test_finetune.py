@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mtl_runner import build
-from mtl_runner.assemble import build_run, check_compatible
+from mtl_runner.assemble import build_run
+from mtl_runner.build import check_compatible
 from mtl_runner.config import validate
 from mtl_runner.errors import ConfigError
 from mtl_runner.runner import run_experiment

@@ -38,7 +38,7 @@ from mtl_runner.affinity.gradient import GradientAffinity
 from mtl_runner.affinity.lookahead import LookaheadAffinity
 from mtl_runner.affinity.outputs import AffinityMatrix, write_outputs
 from mtl_runner.affinity.transfer import transfer_affinity
-from mtl_runner.assemble import JOINT_RUN_MEASURES, build_run, prepare_process
+from mtl_runner.assemble import build_run, prepare_process
 from mtl_runner.config import CONF_DIR, validate
 from mtl_runner.data.base import TaskSet
 from mtl_runner.errors import ConfigError
@@ -128,7 +128,7 @@ def run_affinity(cfg: DictConfig, out_dir: Path, console: Console | None = None)
     ctx = Context(cfg, taskset, device, logger, console)
     try:
         matrices: dict[str, AffinityMatrix] = {}
-        joint = [m for m in measures if m in JOINT_RUN_MEASURES]
+        joint = [m for m in measures if m in build.JOINT_RUN_MEASURES]
         if joint:
             matrices.update(joint_run(ctx, joint))
         if "cka" in measures:
