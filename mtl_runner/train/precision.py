@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-PRECISIONS = ("32", "bf16", "fp16")
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
