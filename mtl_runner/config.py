@@ -24,7 +24,7 @@ import types
 import typing
 from collections import abc
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +38,11 @@ from mtl_runner.errors import ConfigError
 #: The Hydra config tree every command composes (``mtl-run``, ``mtl-affinity``, the tests).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
+#: Settings that change how a run is shown or where it runs, never its results: sweep job
+#: names (as conf/hydra/default.yaml's exclude_keys for single runs) and mtl-report's
+#: columns leave them out.
+PRESENTATION_KEYS = ("trainer.progress", "trainer.device")
+
 TARGET_GROUPS = ("dataset", "backbone", "sharing", "balancer", "surgery", "optimizer")
 #: Arguments the runner passes itself when it builds the object (not user-settable).
 RUNTIME_ARGS: dict[str, frozenset[str]] = {
@@ -48,35 +53,46 @@ RUNTIME_ARGS: dict[str, frozenset[str]] = {
 }
 
 
+def _setting(allowed: Callable[[Any], bool], text: str) -> Any:
+    """A ``TrainerConfig`` field: no default (the YAML holds it), and the rule its values
+    must meet beyond their type (read by :data:`VALUE_RULES`)."""
+    return field(default=MISSING, metadata={"allowed": (allowed, text)})
+
+
+def _ge(low: int, text: str) -> Any:
+    return _setting(lambda v: v >= low, text)
+
+
 @dataclass
 class TrainerConfig:
     """``trainer.*``: the trainer's settings themselves (:class:`mtl_runner.train.trainer.Trainer`
-    takes an instance). Types only: every value, defaults included, lives in
-    ``conf/trainer/default.yaml``, so a setting is written down once."""
+    takes an instance): each setting's type and allowed values here, its value (defaults
+    included) in ``conf/trainer/default.yaml``, so a setting is written down once."""
 
-    epochs: int = MISSING
-    batch_size: int = MISSING
-    eval_batch_size: int = MISSING
-    device: str = MISSING
+    epochs: int = _ge(1, "an integer >= 1")
+    batch_size: int = _ge(1, "an integer >= 1")
+    eval_batch_size: int = _ge(1, "an integer >= 1")
+    device: str = _setting(lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N")
     seed: int = MISSING
-    lr_schedule: str = MISSING
-    warmup_epochs: int = MISSING
-    lr_step_epochs: int = MISSING
-    lr_step_gamma: float = MISSING
-    jacobian: str = MISSING
-    log_every_n_steps: int = MISSING
-    progress: str = MISSING
-    num_workers: Optional[int] = MISSING
-    checkpoint_every_n_steps: int = MISSING
-    on_nonfinite: str = MISSING
-    max_nonfinite_steps: int = MISSING
-    grad_clip_norm: Optional[float] = MISSING
+    lr_schedule: str = _setting(lambda v: v in ("cosine", "constant", "step"), "cosine, constant or step")
+    warmup_epochs: int = _ge(0, "an integer >= 0")
+    lr_step_epochs: int = _ge(1, "an integer >= 1")
+    lr_step_gamma: float = _setting(lambda v: 0 < v <= 1, "a float in (0, 1]")
+    jacobian: str = _setting(lambda v: v in ("auto", "batched", "sequential"), "auto, batched or sequential")
+    log_every_n_steps: int = _ge(1, "an integer >= 1")
+    progress: str = _setting(lambda v: v in ("auto", "bar", "lines", "off"), "auto, bar, lines or off")
+    num_workers: Optional[int] = _setting(lambda v: v is None or v >= 0, "null or an integer >= 0")
+    checkpoint_every_n_steps: int = _ge(0, "an integer >= 0 (0: at epoch ends only)")
+    on_nonfinite: str = _setting(lambda v: v in ("skip", "stop"), "skip or stop")
+    max_nonfinite_steps: int = _ge(1, "an integer >= 1")
+    grad_clip_norm: Optional[float] = _setting(lambda v: v is None or v > 0, "null or a float > 0")
     deterministic: bool = MISSING
-    precision: str = MISSING
+    precision: str = _setting(lambda v: v in ("32", "bf16", "fp16"), "32, bf16 or fp16")
     compile: bool = MISSING
-    channels_last: str = MISSING
-    num_threads: Optional[int] = MISSING
-    strategy: str = MISSING
+    channels_last: str = _setting(lambda v: v in ("auto", "always", "never"), "auto (on CUDA for image inputs), always or never")
+    num_threads: Optional[int] = _setting(
+        lambda v: v is None or v >= 1, "null (the launcher's share of the CPU cores) or an integer >= 1")
+    strategy: str = _setting(lambda v: v in ("single", "ddp"), "single or ddp (under torchrun)")
     sync_batchnorm: bool = MISSING
 
     @classmethod
@@ -84,6 +100,11 @@ class TrainerConfig:
         """The settings of a composed run config (typed or, as a baseline's derived
         config, plain): its ``trainer`` node checked against these types."""
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg.trainer))  # type: ignore[return-value]
+
+    @classmethod
+    def value_rules(cls) -> list[tuple[str, Callable[[Any], bool], str]]:
+        """:data:`VALUE_RULES` entries of the fields that have a rule."""
+        return [(f"trainer.{f.name}", *f.metadata["allowed"]) for f in fields(cls) if "allowed" in f.metadata]
 
 
 @dataclass
@@ -163,26 +184,7 @@ AFFINITY_MEASURES = ("gradient", "lookahead", "cka")
 
 #: (key, predicate, what is allowed) for values whose type alone does not say enough.
 VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("trainer.epochs", lambda v: v >= 1, "an integer >= 1"),
-    ("trainer.batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("trainer.eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("trainer.device", lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
-    ("trainer.lr_schedule", lambda v: v in ("cosine", "constant", "step"), "cosine, constant or step"),
-    ("trainer.lr_step_epochs", lambda v: v >= 1, "an integer >= 1"),
-    ("trainer.lr_step_gamma", lambda v: 0 < v <= 1, "a float in (0, 1]"),
-    ("trainer.warmup_epochs", lambda v: v >= 0, "an integer >= 0"),
-    ("trainer.jacobian", lambda v: v in ("auto", "batched", "sequential"), "auto, batched or sequential"),
-    ("trainer.log_every_n_steps", lambda v: v >= 1, "an integer >= 1"),
-    ("trainer.progress", lambda v: v in ("auto", "bar", "lines", "off"), "auto, bar, lines or off"),
-    ("trainer.num_workers", lambda v: v is None or v >= 0, "null or an integer >= 0"),
-    ("trainer.checkpoint_every_n_steps", lambda v: v >= 0, "an integer >= 0 (0: at epoch ends only)"),
-    ("trainer.on_nonfinite", lambda v: v in ("skip", "stop"), "skip or stop"),
-    ("trainer.max_nonfinite_steps", lambda v: v >= 1, "an integer >= 1"),
-    ("trainer.grad_clip_norm", lambda v: v is None or v > 0, "null or a float > 0"),
-    ("trainer.precision", lambda v: v in ("32", "bf16", "fp16"), "32, bf16 or fp16"),
-    ("trainer.channels_last", lambda v: v in ("auto", "always", "never"), "auto (on CUDA for image inputs), always or never"),
-    ("trainer.num_threads", lambda v: v is None or v >= 1, "null (the launcher's share of the CPU cores) or an integer >= 1"),
-    ("trainer.strategy", lambda v: v in ("single", "ddp"), "single or ddp (under torchrun)"),
+    *TrainerConfig.value_rules(),
     ("objective", lambda v: v is None or any(p.fullmatch(v) for p in OBJECTIVE_PATTERNS), "null, delta_m_pct, or tasks.<task>.metrics.<metric>.<mtl|delta_pct>, test_losses.<task>"),
     ("optimizer.lr", lambda v: v > 0, "a float > 0"),
     ("diagnostics.every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 turns diagnostics off)"),

@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from mtl_runner.build import build_balancer, build_surgery, check_compatible
 from mtl_runner.checkpoints import last_checkpoint
-from mtl_runner.config import CONF_DIR, validate
+from mtl_runner.config import CONF_DIR, PRESENTATION_KEYS, validate
 from mtl_runner.data.roots import check_dataset
 from mtl_runner.errors import ConfigError, DatasetRootError
 
@@ -99,7 +99,7 @@ def _sweep_naming(overrides: list[str]) -> list[str]:
         o.key_or_group for o in parsed
         if not o.is_sweep_override() and o.key_or_group not in swept and not o.key_or_group.startswith("hydra")
     ]
-    excluded = ["trainer.progress", "trainer.device", *constant]
+    excluded = [*PRESENTATION_KEYS, *constant]
     return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]"]
 
 
@@ -127,11 +127,9 @@ def preflight(argv: list[str], config_name: str = "config") -> list[str]:
             try:
                 validate(cfg)
                 # methods check their own arguments (e.g. surgery.c) when constructed: cheap, and before any output
-                if "balancer" in cfg:
-                    build_balancer(cfg)
-                if "surgery" in cfg:
-                    build_surgery(cfg)
-                    check_compatible(cfg)
+                build_balancer(cfg)
+                build_surgery(cfg)
+                check_compatible(cfg)
                 check_dataset(cfg.dataset)
                 check_dataset(cfg.backbone)  # pretrained weights: fetched now, or one line
             except (ConfigError, DatasetRootError, ValueError) as exc:

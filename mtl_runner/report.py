@@ -30,10 +30,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mtl_runner import io as files
+from mtl_runner.config import PRESENTATION_KEYS
 from mtl_runner.errors import ReportError
 
-#: Overrides that never change results (how a run is shown or where it runs).
-IGNORED_OVERRIDES = frozenset({"trainer.progress", "trainer.device"})
 DELTA_M = "Δm %"
 
 
@@ -82,7 +81,7 @@ def _overrides(job: Path) -> dict[str, str]:
     for item in OmegaConf.to_container(OmegaConf.load(file)) or []:
         key, _, value = str(item).partition("=")
         key = key.lstrip("+~")
-        if key not in IGNORED_OVERRIDES and not key.startswith("hydra"):
+        if key not in PRESENTATION_KEYS and not key.startswith("hydra"):
             out[key] = value
     return out
 
