@@ -18,7 +18,7 @@ from mtl_runner.cli import preflight
 from mtl_runner.data.multimnist import load_mnist, overlay_pairs, write_idx
 from mtl_runner.runner import run_experiment
 from mtl_runner.tasks import Task
-from tests.conftest import compose_config, run_cli
+from tests.conftest import compose_config, conf_options, run_cli
 
 QUICK = ["baseline=off", "trainer.epochs=1", "trainer.batch_size=4", "trainer.eval_batch_size=8", "trainer.progress=off", "diagnostics=off"]
 
@@ -312,7 +312,7 @@ def test_multimnist_download_without_network_is_one_line(tmp_path: Path, monkeyp
 
 
 # ------------------------------------------------------------------------ experiment recipes
-@pytest.mark.parametrize("recipe", ["nyuv2_resnet50", "cityscapes", "celeba", "multimnist_lenet"])
+@pytest.mark.parametrize("recipe", conf_options("experiment"))
 def test_experiment_recipes_compose_and_validate(recipe: str) -> None:
     from mtl_runner.config import validate
 
