@@ -6,6 +6,11 @@ specific to a dataset: it loops over ``TaskSet`` and calls these objects.
 
 Metrics accumulate on the model's device (confusion matrices, sums, histograms) and are
 read back once per evaluation, so evaluation never synchronises per batch.
+
+Missing labels: a class target of :data:`IGNORE_INDEX` or a NaN float target marks an
+example (or a label of a multilabel task) as unlabelled. Every kind's loss is the mean over
+the labelled entries of the batch (0, with a zero gradient, when a batch has none) and its
+metrics skip them; both are computed with masks, never with a host-side test.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtl_runner.scores import BinaryAccumulator, MultilabelAccumulator
+
 __all__ = [
     "Task", "TaskKind", "Metric", "MetricAccumulator", "task_loss",
-    "METRICS", "ACCUMULATORS", "DENSE_KINDS", "REGRESSION_KINDS", "IGNORE_INDEX",
+    "METRICS", "AVAILABLE_METRICS", "ACCUMULATORS", "DENSE_KINDS", "REGRESSION_KINDS", "IGNORE_INDEX",
 ]
 
-TaskKind = Literal["segmentation", "depth", "normals", "classification", "regression"]
+TaskKind = Literal["segmentation", "depth", "normals", "classification", "regression", "binary", "multilabel"]
 DENSE_KINDS: frozenset[str] = frozenset({"segmentation", "depth", "normals"})
 REGRESSION_KINDS: frozenset[str] = frozenset({"depth", "normals", "regression"})
 IGNORE_INDEX = -1
@@ -44,9 +51,12 @@ class MetricAccumulator(Protocol):
 class Task:
     """One task of a dataset.
 
-    ``num_outputs`` is the number of classes (classification kinds) or output channels
-    (regression kinds). ``auxiliary`` tasks are trained and logged but excluded from Δm.
-    ``loss_name`` selects the loss among those defined for the kind (see :func:`task_loss`).
+    ``num_outputs`` is the number of classes (classification kinds), output channels
+    (regression kinds), 1 (binary) or the number of labels (multilabel). ``auxiliary``
+    tasks are trained and logged but excluded from Δm. ``loss_name`` selects the loss among
+    those defined for the kind (see :func:`task_loss`). ``metric_names`` chooses which of
+    the kind's metrics (:data:`AVAILABLE_METRICS`) are reported and enter Δm; empty means
+    the kind's defaults (:data:`METRICS`).
     """
 
     name: str
@@ -55,6 +65,7 @@ class Task:
     loss_name: str = "default"
     auxiliary: bool = False
     class_names: tuple[str, ...] = field(default=())
+    metric_names: tuple[str, ...] = field(default=())
 
     @property
     def is_dense(self) -> bool:
@@ -66,7 +77,15 @@ class Task:
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
-        return METRICS[self.kind]
+        if not self.metric_names:
+            return METRICS[self.kind]
+        available = {m.name: m for m in AVAILABLE_METRICS[self.kind]}
+        unknown = [name for name in self.metric_names if name not in available]
+        if unknown:
+            raise ValueError(
+                f"task {self.name!r} ({self.kind}): unknown metric {unknown[0]!r}; allowed: {', '.join(available)}"
+            )
+        return tuple(available[name] for name in self.metric_names)
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return task_loss(self, pred, target)
@@ -87,6 +106,14 @@ METRICS: dict[str, tuple[Metric, ...]] = {
     ),
     "classification": (Metric("accuracy", True),),
     "regression": (Metric("mse", False), Metric("mae", False)),
+    "binary": (Metric("accuracy", True), Metric("auroc", True), Metric("f1", True)),
+    "multilabel": (Metric("map", True), Metric("macro_f1", True)),
+}
+
+#: Every metric a kind's accumulator computes; a task may report any subset (``metric_names``).
+AVAILABLE_METRICS: dict[str, tuple[Metric, ...]] = {
+    **METRICS,
+    "regression": (Metric("mse", False), Metric("mae", False), Metric("rmse", False), Metric("r2", True)),
 }
 
 
@@ -104,7 +131,9 @@ def task_loss(task: Task, pred: Tensor, target: Tensor) -> Tensor:
     """
     kind = task.kind
     if kind in ("segmentation", "classification"):
-        return F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX)
+        labelled = (target != IGNORE_INDEX).sum()
+        total = F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / labelled.clamp_min(1)
     if kind == "depth":
         valid = _valid_depth(target)
         diff = (pred.float() - target)[valid]
@@ -119,8 +148,15 @@ def task_loss(task: Task, pred: Tensor, target: Tensor) -> Tensor:
             return pred.sum() * 0.0
         return (1.0 - cos).mean()
     if kind == "regression":
-        pred = pred.float().reshape(target.shape)
-        return F.l1_loss(pred, target) if task.loss_name == "l1" else F.mse_loss(pred, target)
+        labelled = ~target.isnan()
+        diff = torch.where(labelled, pred.float().reshape(target.shape) - target.nan_to_num(), 0.0)
+        error = diff.abs() if task.loss_name == "l1" else diff.pow(2)
+        return error.sum() / labelled.sum().clamp_min(1)
+    if kind in ("binary", "multilabel"):
+        labelled = ~target.isnan()
+        logits = pred.float().reshape(target.shape)
+        bce = F.binary_cross_entropy_with_logits(logits, target.nan_to_num(), reduction="none")
+        return torch.where(labelled, bce, 0.0).sum() / labelled.sum().clamp_min(1)
     raise ValueError(f"unknown task kind {kind!r}")
 
 
@@ -220,17 +256,24 @@ class _AccuracyAccumulator:
 
 
 class _RegressionAccumulator:
+    """Squared and absolute errors over labelled targets, and the sums R² needs (its
+    denominator is the targets' variance over the whole split)."""
+
     def __init__(self, task: Task, device: torch.device) -> None:
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
 
     def update(self, pred: Tensor, target: Tensor) -> None:
-        diff = (pred.reshape(target.shape) - target).double()
-        self.sums += torch.stack([diff.pow(2).sum(), diff.abs().sum(), torch.tensor(float(diff.numel()), device=diff.device, dtype=torch.float64)])
+        labelled = ~target.isnan()
+        y = target.nan_to_num().double()
+        diff = torch.where(labelled, pred.reshape(target.shape).double() - y, 0.0)
+        self.sums += torch.stack([diff.pow(2).sum(), diff.abs().sum(), labelled.sum().double(), y.sum(), y.pow(2).sum()])
 
     def compute(self) -> dict[str, float]:
-        sq, ab, count = self.sums.tolist()
+        sq, ab, count, y_sum, y_sq = self.sums.tolist()
         count = max(count, 1.0)
-        return {"mse": sq / count, "mae": ab / count}
+        total_variance = y_sq - y_sum * y_sum / count
+        r2 = 1.0 - sq / total_variance if total_variance > 0 else math.nan
+        return {"mse": sq / count, "mae": ab / count, "rmse": math.sqrt(sq / count), "r2": r2}
 
 
 ACCUMULATORS = {
@@ -239,4 +282,6 @@ ACCUMULATORS = {
     "normals": _NormalsAccumulator,
     "classification": _AccuracyAccumulator,
     "regression": _RegressionAccumulator,
+    "binary": BinaryAccumulator,
+    "multilabel": MultilabelAccumulator,
 }

@@ -67,4 +67,5 @@ def test_accuracy_and_regression() -> None:
     reg = Task("r", "regression", 2)
     acc = reg.accumulator(CPU)
     acc.update(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]]))
-    assert acc.compute() == pytest.approx({"mse": 2.5, "mae": 1.5})
+    # R²'s denominator: the targets' squared deviations from their mean, (0-2)² + (4-2)² = 8
+    assert acc.compute() == pytest.approx({"mse": 2.5, "mae": 1.5, "rmse": 2.5**0.5, "r2": 1 - 5 / 8})

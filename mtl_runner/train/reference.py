@@ -3,7 +3,8 @@
 Per task kind, fitted on the training split: dense classification predicts each pixel
 position's most frequent class, dense regression each position's mean (a strong floor
 when, as in real scenes, depth depends on the image row), image-level classification
-the majority label, image-level regression the mean. They are evaluated with the same
+the majority label, image-level regression the mean, binary and multilabel tasks each
+label's positive rate (as a logit). Unlabelled targets (NaN) are left out. They are evaluated with the same
 metric code as the model, on the test split.
 """
 
@@ -32,8 +33,8 @@ def fit_trivial(tasks: tuple[Task, ...], split: Split, device: torch.device, bat
                     stat = stat.permute(2, 0, 1)  # (C, H, W)
                 n = torch.ones((), dtype=torch.float64, device=device)
             else:
-                valid = (y > 0) if task.kind == "depth" else torch.ones_like(y, dtype=torch.bool)
-                stat = (y * valid).sum(0).double()
+                valid = (y > 0) if task.kind == "depth" else ~y.isnan()
+                stat = torch.where(valid, y, 0.0).sum(0).double()
                 n = valid.sum(0).double()
             sums[task.name] = sums.get(task.name, 0) + stat
             counts[task.name] = counts.get(task.name, 0) + n
@@ -44,7 +45,8 @@ def fit_trivial(tasks: tuple[Task, ...], split: Split, device: torch.device, bat
             dim = 0 if task.kind == "segmentation" else -1
             templates[task.name] = F.one_hot(winner, task.num_outputs).movedim(-1, dim).float()
         else:
-            templates[task.name] = (sums[task.name] / counts[task.name].clamp_min(1)).float()
+            mean = (sums[task.name] / counts[task.name].clamp_min(1)).float()
+            templates[task.name] = torch.logit(mean, eps=1e-6) if task.kind in ("binary", "multilabel") else mean
     return templates
 
 
