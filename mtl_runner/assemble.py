@@ -30,10 +30,10 @@ from mtl_runner.diagnostics import ConflictDiagnostics, custom_scalars_layout
 from mtl_runner.errors import ConfigError
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.train import distributed, finetune
-from mtl_runner.train.callbacks import Callback, Checkpointing, TrainingLog
+from mtl_runner.train.callbacks import Checkpointing, TrainingLog
 from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.sharing_diagnostics import SharingDiagnostics
-from mtl_runner.train.trainer import Trainer
+from mtl_runner.train.trainer import Callback, Trainer
 
 def prepare_process(cfg: DictConfig) -> None:
     """Process-wide settings of a command: ``trainer.num_threads`` and
@@ -93,28 +93,28 @@ def build_run(
         model = build.build_model(cfg, taskset)
     if group is not None and cfg.trainer.sync_batchnorm:
         model = distributed.sync_batchnorm(model, device)
-    writes = run_dir if main else None
-    param_groups, finetune_callbacks = finetune.setup(model, cfg, console, writes, resuming=resume_step is not None)
+    files_dir = run_dir if main else None  # rank 0 alone writes
+    param_groups, finetune_callbacks = finetune.setup(model, cfg, console, files_dir, resuming=resume_step is not None)
     balancer = build.build_balancer(cfg)
     surgery = build.build_surgery(cfg)
     own_logger = logger is None
     if logger is None:
-        logger = RunLogger(Path(writes) / "tb" if writes is not None else None, purge_step=resume_step)
+        logger = RunLogger(Path(files_dir) / "tb" if files_dir is not None else None, purge_step=resume_step)
         logger.custom_scalars(custom_scalars_layout())
-    standard: list[Callback] = []
+    wired: list[Callback] = []
     if diagnostics:
-        standard += [ConflictDiagnostics(
-            taskset.task_names, cfg.diagnostics.every_n_steps, cfg.diagnostics.warmup_steps, writes,
+        wired += [ConflictDiagnostics(
+            taskset.task_names, cfg.diagnostics.every_n_steps, cfg.diagnostics.warmup_steps, files_dir,
             space=surgery.space, histograms=cfg.diagnostics.histograms, console=console,
         ), SharingDiagnostics()]
-    standard += [*finetune_callbacks, *callbacks, TrainingLog()]
+    wired += [*finetune_callbacks, *callbacks, TrainingLog()]
     if run_dir is not None:
         config = OmegaConf.to_container(cfg, resolve=True)
-        standard.append(Checkpointing(checkpoints.checkpoint_dir(run_dir), cfg.trainer.checkpoint_every_n_steps, config))  # type: ignore[arg-type]
+        wired.append(Checkpointing(checkpoints.checkpoint_dir(run_dir), cfg.trainer.checkpoint_every_n_steps, config))  # type: ignore[arg-type]
     try:
         trainer = Trainer(
             model, taskset, balancer, surgery, build.optimizer_factory(cfg), TrainerConfig.from_config(cfg), device,
-            logger=logger, callbacks=standard, name=name, param_groups=param_groups, distributed=group,
+            logger=logger, callbacks=wired, name=name, param_groups=param_groups, distributed=group,
         )
     except ValueError as exc:  # a method refusing the model or data it was given
         if own_logger:

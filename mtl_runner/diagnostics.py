@@ -26,8 +26,7 @@ from torch import Tensor
 
 from mtl_runner import io
 from mtl_runner.optim.jacobian import StepGradients
-from mtl_runner.train.callbacks import Callback
-from mtl_runner.train.trainer import Trainer
+from mtl_runner.train.trainer import Callback, Trainer
 
 #: Thresholds of the decision rule (docs/methods.md, "Diagnostics and the decision rule").
 CONFLICT_FRACTION = 0.20

@@ -335,12 +335,13 @@ def test_recipe_without_data_fails_in_preflight(tmp_path: Path, capsys: pytest.C
 
 def test_step_schedule_halves_the_rate_every_n_epochs() -> None:
     from mtl_runner.assemble import build_run
+    from mtl_runner.train.schedule import lr_factor
 
     cfg = compose_config(["dataset.num_train=8", "dataset.num_val=4", "dataset.num_test=4", "dataset.image_size=16",
                           "backbone.channels=[4,4,4,4]", "trainer.batch_size=4", "trainer.epochs=6",
                           "trainer.lr_schedule=step", "trainer.lr_step_epochs=2", "trainer.lr_step_gamma=0.5"])
     trainer = build_run(cfg, None).trainer
-    factors = [trainer._lr_factor(step) for step in range(0, 12, 2)]  # 2 steps per epoch: one per epoch
+    factors = [lr_factor(trainer.settings, trainer.steps_per_epoch, step) for step in range(0, 12, 2)]  # 2 steps per epoch: one per epoch
     assert factors == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
 
 

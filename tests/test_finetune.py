@@ -16,8 +16,7 @@ from mtl_runner.config import validate
 from mtl_runner.errors import ConfigError
 from mtl_runner.runner import run_experiment
 from mtl_runner.train import finetune
-from mtl_runner.train.callbacks import Callback
-from mtl_runner.train.trainer import Trainer
+from mtl_runner.train.trainer import Callback, Trainer
 from tests.conftest import TINY, compose_config, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")

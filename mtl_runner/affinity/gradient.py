@@ -13,8 +13,7 @@ from torch import Tensor
 
 from mtl_runner.diagnostics import cosine_matrix
 from mtl_runner.optim.jacobian import StepGradients
-from mtl_runner.train.callbacks import Callback
-from mtl_runner.train.trainer import Trainer
+from mtl_runner.train.trainer import Callback, Trainer
 
 
 class GradientAffinity(Callback):

@@ -1,9 +1,8 @@
-"""The trainer's extension points, and the two callbacks every ``mtl-run`` trainer carries.
+"""The two callbacks every ``mtl-run`` trainer carries, beside diagnostics and fine-tuning.
 
-:class:`Callback` is how anything beyond the optimisation itself (TensorBoard curves,
-checkpoints, conflict and sharing diagnostics, fine-tuning schedules, affinity measures)
-joins the loop, so the loop does not grow with each of them. :class:`TrainingLog` writes
-the training curves and evaluation results; :class:`Checkpointing` writes ``last.pt``.
+:class:`TrainingLog` writes the training curves and evaluation results;
+:class:`Checkpointing` writes ``last.pt``. They are :class:`~mtl_runner.train.trainer.Callback`
+objects like any other, so the loop itself neither logs nor saves.
 The run builder (:mod:`mtl_runner.assemble`) puts them after the other callbacks: an
 epoch's scalars, whoever logged them, are flushed before its checkpoint is written, so a
 resume that purges later events loses none of them.
@@ -12,50 +11,12 @@ resume that purges later events loses none of them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from torch import Tensor
+from typing import Any
 
 from mtl_runner import io
 from mtl_runner.checkpoints import LAST_NAME
-from mtl_runner.optim.jacobian import StepGradients
 from mtl_runner.train.state import EvalResult, StepOutcome
-
-if TYPE_CHECKING:
-    from mtl_runner.train.trainer import Trainer
-
-
-class Callback:
-    """Hooks into the loop. ``wants_jacobian(step)`` asks the engine for per-task
-    gradients on that step (e.g. a diagnostics step). State a callback accumulates
-    across steps goes into checkpoints through ``state_dict``/``load_state_dict``."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        del state
-
-    def wants_jacobian(self, step: int) -> bool:
-        return False
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        """Before the first step of ``fit`` (after a resume has restored the state)."""
-
-    def on_step(self, trainer: Trainer, step: int, losses: Tensor, weights: Tensor, grads: StepGradients) -> None:
-        """After a step whose update was applied (a skipped non-finite step is not seen)."""
-
-    def on_train_batch_end(self, trainer: Trainer, outcome: StepOutcome) -> None:
-        """After every training step of ``fit``, applied or skipped."""
-
-    def on_eval(self, trainer: Trainer, split: str, result: EvalResult) -> None:
-        """After the validation of each epoch (``split="val"``) and after ``test()``."""
-
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
-        pass
-
-    def on_fit_end(self, trainer: Trainer) -> None:
-        pass
+from mtl_runner.train.trainer import Callback, Trainer
 
 
 class TrainingLog(Callback):

@@ -35,8 +35,7 @@ from mtl_runner import io
 from mtl_runner.checkpoints import read_model_state
 from mtl_runner.errors import ConfigError
 from mtl_runner.models.backbones import Backbone
-from mtl_runner.train.callbacks import Callback
-from mtl_runner.train.trainer import Trainer
+from mtl_runner.train.trainer import Callback, Trainer
 
 HEADS_PREFIX = "heads."
 

@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from mtl_runner.optim.jacobian import StepGradients
-from mtl_runner.train.callbacks import Callback
-from mtl_runner.train.trainer import Trainer
+from mtl_runner.train.trainer import Callback, Trainer
 
 
 class SharingDiagnostics(Callback):

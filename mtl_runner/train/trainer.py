@@ -5,7 +5,7 @@ Per step: forward, the task-loss vector, the balancer's weights, the engine's ba
 Losses and metrics accumulate on the device; the host reads them only at logging
 intervals and epoch ends.
 
-Everything else joins as a :class:`~mtl_runner.train.callbacks.Callback`: the curves
+Everything else joins as a :class:`Callback`: the curves
 (:class:`~mtl_runner.train.callbacks.TrainingLog`), the checkpoints
 (:class:`~mtl_runner.train.callbacks.Checkpointing`), diagnostics, fine-tuning. The
 settings are the run config's own ``trainer`` node (:class:`~mtl_runner.config.TrainerConfig`);
@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import torch
@@ -28,15 +29,48 @@ from mtl_runner.config import TrainerConfig
 from mtl_runner.data.base import Batch, Split, TaskSet
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.base import Balancer
-from mtl_runner.optim.jacobian import GradientEngine
+from mtl_runner.optim.jacobian import GradientEngine, StepGradients
 from mtl_runner.optim.surgery.base import Surgery
-from mtl_runner.train.callbacks import Callback
 from mtl_runner.train.distributed import DataParallel
 from mtl_runner.train.logger import RunLogger
 from mtl_runner.train.nonfinite import NonFiniteGuard
 from mtl_runner.train.precision import LossScaler, autocast
 from mtl_runner.train.progress import Progress
+from mtl_runner.train.schedule import lr_factor
 from mtl_runner.train.state import EvalResult, FitState, StepOutcome
+
+
+class Callback:
+    """Hooks into the loop. ``wants_jacobian(step)`` asks the engine for per-task
+    gradients on that step (e.g. a diagnostics step). State a callback accumulates
+    across steps goes into checkpoints through ``state_dict``/``load_state_dict``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+    def wants_jacobian(self, step: int) -> bool:
+        return False
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first step of ``fit`` (after a resume has restored the state)."""
+
+    def on_step(self, trainer: Trainer, step: int, losses: Tensor, weights: Tensor, grads: StepGradients) -> None:
+        """After a step whose update was applied (a skipped non-finite step is not seen)."""
+
+    def on_train_batch_end(self, trainer: Trainer, outcome: StepOutcome) -> None:
+        """After every training step of ``fit``, applied or skipped."""
+
+    def on_eval(self, trainer: Trainer, split: str, result: EvalResult) -> None:
+        """After the validation of each epoch (``split="val"``) and after ``test()``."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        pass
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        pass
 
 
 class Trainer:
@@ -101,25 +135,13 @@ class Trainer:
         self.optimizer = optimizer_factory(groups)
         self.guard = NonFiniteGuard(self.tasks, self.optimizer, settings, self.scaler, device)
         self.steps_per_epoch = max(1, math.ceil(len(taskset.train) / settings.batch_size))
-        self.total_steps = self.steps_per_epoch * settings.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, settings, self.steps_per_epoch))
         self.state = FitState()
 
     @property
     def is_main(self) -> bool:
         """Whether this process writes the run's files (rank 0 of a ddp group)."""
         return self.distributed is None or self.distributed.is_main
-
-    def _lr_factor(self, step: int) -> float:
-        warmup = self.settings.warmup_epochs * self.steps_per_epoch
-        if step < warmup:
-            return (step + 1) / warmup
-        if self.settings.lr_schedule == "constant":
-            return 1.0
-        if self.settings.lr_schedule == "step":  # MTAN/LibMTL's StepLR, counted in epochs
-            return self.settings.lr_step_gamma ** (step // self.steps_per_epoch // self.settings.lr_step_epochs)
-        progress = (step - warmup) / max(1, self.total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     # ------------------------------------------------------------------- train
     def compute_losses(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
