@@ -24,13 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtl_runner.scores import BinaryAccumulator, MultilabelAccumulator
+from mtl_runner.spans import ChunkCounter
 
 __all__ = [
     "Task", "TaskKind", "Metric", "MetricAccumulator", "task_loss",
-    "METRICS", "AVAILABLE_METRICS", "ACCUMULATORS", "DENSE_KINDS", "REGRESSION_KINDS", "IGNORE_INDEX",
+    "METRICS", "AVAILABLE_METRICS", "ACCUMULATORS", "DENSE_KINDS", "REGRESSION_KINDS", "TOKEN_KINDS", "IGNORE_INDEX",
 ]
 
-TaskKind = Literal["segmentation", "depth", "normals", "classification", "regression", "binary", "multilabel"]
+TaskKind = Literal["segmentation", "depth", "normals", "classification", "regression", "binary", "multilabel", "tagging", "spans"]
+#: One label per token of a ``(B, L)`` sequence: token accuracy, or chunk F1 for BIO-style tags.
+TOKEN_KINDS: frozenset[str] = frozenset({"tagging", "spans"})
 DENSE_KINDS: frozenset[str] = frozenset({"segmentation", "depth", "normals"})
 REGRESSION_KINDS: frozenset[str] = frozenset({"depth", "normals", "regression"})
 IGNORE_INDEX = -1
@@ -72,6 +75,10 @@ class Task:
         return self.kind in DENSE_KINDS
 
     @property
+    def is_token_level(self) -> bool:
+        return self.kind in TOKEN_KINDS
+
+    @property
     def is_regression(self) -> bool:
         return self.kind in REGRESSION_KINDS
 
@@ -105,6 +112,8 @@ METRICS: dict[str, tuple[Metric, ...]] = {
         Metric("within_30", True),
     ),
     "classification": (Metric("accuracy", True),),
+    "tagging": (Metric("accuracy", True),),
+    "spans": (Metric("f1", True), Metric("precision", True), Metric("recall", True)),
     "regression": (Metric("mse", False), Metric("mae", False)),
     "binary": (Metric("accuracy", True), Metric("auroc", True), Metric("f1", True)),
     "multilabel": (Metric("map", True), Metric("macro_f1", True)),
@@ -134,6 +143,10 @@ def task_loss(task: Task, pred: Tensor, target: Tensor) -> Tensor:
         labelled = (target != IGNORE_INDEX).sum()
         total = F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
         return total / labelled.clamp_min(1)
+    if kind in TOKEN_KINDS:
+        # (B, L, C) scores of (B, L) tags; padding and non-first sub-words are IGNORE_INDEX
+        total = F.cross_entropy(pred.float().flatten(0, -2), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (target != IGNORE_INDEX).sum().clamp_min(1)
     if kind == "depth":
         valid = _valid_depth(target)
         diff = (pred.float() - target)[valid]
@@ -276,11 +289,28 @@ class _RegressionAccumulator:
         return {"mse": sq / count, "mae": ab / count, "rmse": math.sqrt(sq / count), "r2": r2}
 
 
+class _SpanAccumulator:
+    """Chunk precision, recall and F1 as the CoNLL script counts them (:mod:`mtl_runner.spans`);
+    the task's ``class_names`` are its tags."""
+
+    def __init__(self, task: Task, device: torch.device) -> None:
+        self.counter = ChunkCounter(task.class_names, device)
+        self.counts = self.counter.counts  # the additive statistic summed over ranks
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        self.counter.update(pred.argmax(-1), target, target != IGNORE_INDEX)
+
+    def compute(self) -> dict[str, float]:
+        return self.counter.compute()
+
+
 ACCUMULATORS = {
     "segmentation": _ConfusionAccumulator,
     "depth": _DepthAccumulator,
     "normals": _NormalsAccumulator,
     "classification": _AccuracyAccumulator,
+    "tagging": _AccuracyAccumulator,
+    "spans": _SpanAccumulator,
     "regression": _RegressionAccumulator,
     "binary": BinaryAccumulator,
     "multilabel": MultilabelAccumulator,
