@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from typing import Protocol, Union
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -124,7 +124,9 @@ def default_num_workers() -> int:
 
 @dataclass
 class TaskSet:
-    """A dataset's tasks and splits; ``input_shape`` excludes the batch dimension."""
+    """A dataset's tasks and splits; ``input_shape`` excludes the batch dimension.
+    ``preprocessing`` (JSON-able) records what was fitted on the training split, such as
+    a table's input statistics, for the run directory's ``data_summary.json``."""
 
     name: str
     tasks: tuple[Task, ...]
@@ -133,6 +135,7 @@ class TaskSet:
     test: Split
     input_shape: tuple[int, ...]
     multi_input: bool = False
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def task_names(self) -> tuple[str, ...]:
