@@ -12,6 +12,7 @@ from rich.console import Console
 
 from mtl_runner import baselines, build, checkpoints, io, results
 from mtl_runner.assemble import build_run, prepare_process
+from mtl_runner.data import summary as data_summary
 from mtl_runner.errors import ConfigError
 from mtl_runner.train import distributed
 from mtl_runner.train.reference import evaluate_trivial, fit_trivial
@@ -84,6 +85,7 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
                     resume_step=checkpoint["state"]["step"] if checkpoint else None)
     trainer, taskset, device = run.trainer, run.taskset, run.device
     try:
+        data_summary.report(taskset, console, run_dir if main else None)
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
             console.print(f"resuming {run_dir} at epoch {trainer.state.epoch + 1}, step {trainer.state.step}")
