@@ -4,11 +4,12 @@ of them built."""
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
 from mtl_runner.data.base import TaskSet
@@ -54,7 +55,8 @@ def build_taskset(cfg: DictConfig) -> TaskSet:
 
 
 def build_model(cfg: DictConfig, taskset: TaskSet) -> SharingModel:
-    backbone = partial(instantiate(cfg.backbone, _convert_="all", _partial_=True), input_shape=tuple(taskset.input_shape))
+    tokens = {} if taskset.vocab_size is None else {"vocab_size": taskset.vocab_size}
+    backbone = partial(instantiate(cfg.backbone, _convert_="all", _partial_=True), input_shape=tuple(taskset.input_shape), **tokens)
     return _instantiate(cfg.sharing, "sharing", backbone=backbone, tasks=taskset.tasks, input_shape=tuple(taskset.input_shape))
 
 
@@ -95,6 +97,7 @@ def check_compatible(cfg: DictConfig, taskset: TaskSet | None = None) -> None:
         raise ConfigError("finetune.reinit_heads=true needs init_from=<checkpoint or run dir>: without it every head is fresh already")
     if ft is not None and ft.unfreeze_every > 0 and ft.freeze_stages == 0:
         raise ConfigError(f"finetune.unfreeze_every={ft.unfreeze_every} needs finetune.freeze_stages >= 1 (stages to unfreeze)")
+    _check_token_inputs(cfg)
     space = build_surgery(cfg).space
     affinity = cfg.get("affinity")
     if affinity is not None and set(affinity.measures) & set(JOINT_RUN_MEASURES) and space != "params":
@@ -104,3 +107,31 @@ def check_compatible(cfg: DictConfig, taskset: TaskSet | None = None) -> None:
             f"surgery.space=features needs one representation shared by all tasks, but dataset={taskset.name} "
             "gives each task its own inputs: use surgery.space=params"
         )
+
+
+#: Sharing strategies that run on ``(B, L, D)`` token sequences of varying length: the
+#: gated ones read the raw inputs as a vector, FiLM and MTAN expect images or vectors.
+TOKEN_SHARING = ("hard", "none", "soft", "cross_stitch", "learning_to_branch")
+
+
+def _takes(node: DictConfig, argument: str) -> bool:
+    try:
+        target = get_object(str(node._target_))
+    except Exception:  # config.validate reports an unimportable target
+        return False
+    return argument in inspect.signature(target).parameters
+
+
+def _check_token_inputs(cfg: DictConfig) -> None:
+    """Text datasets (their callable takes a ``tokenizer``) give token ids, which only text
+    backbones (their class takes the ``vocab_size`` of the ids) read."""
+    text_data, text_backbone = _takes(cfg.dataset, "tokenizer"), _takes(cfg.backbone, "vocab_size")
+    dataset = str(cfg.dataset._target_).rsplit(".", 1)[-1]
+    backbone = str(cfg.backbone._target_).rsplit(".", 1)[-1]
+    if text_data and not text_backbone:
+        raise ConfigError(f"dataset={dataset} gives token ids: use backbone=transformer or backbone=hf, not {backbone}")
+    if text_backbone and not text_data:
+        raise ConfigError(f"backbone {backbone} reads token ids: use a text dataset (dataset=tagging_corpus, conll or text_table), not {dataset}")
+    sharing = str(cfg.sharing._target_).rsplit(".", 2)[-2]
+    if text_data and sharing not in TOKEN_SHARING:
+        raise ConfigError(f"sharing={sharing} does not run on token sequences yet; allowed with text datasets: {', '.join(TOKEN_SHARING)}")

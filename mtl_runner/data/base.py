@@ -126,7 +126,9 @@ def default_num_workers() -> int:
 class TaskSet:
     """A dataset's tasks and splits; ``input_shape`` excludes the batch dimension.
     ``preprocessing`` (JSON-able) records what was fitted on the training split, such as
-    a table's input statistics, for the run directory's ``data_summary.json``."""
+    a table's input statistics, for the run directory's ``data_summary.json``.
+    ``vocab_size``: inputs are token ids below it (text datasets); the from-scratch text
+    encoder sizes its embedding with it (:func:`mtl_runner.build.build_model`)."""
 
     name: str
     tasks: tuple[Task, ...]
@@ -136,6 +138,7 @@ class TaskSet:
     input_shape: tuple[int, ...]
     multi_input: bool = False
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    vocab_size: int | None = None
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -169,9 +172,9 @@ class TaskSet:
         keep = tuple(t for t in self.tasks if t.name == task_name)
         if not keep:
             raise KeyError(task_name)
-        return TaskSet(
-            self.name, keep, _restrict(self.train, task_name), _restrict(self.val, task_name),
-            _restrict(self.test, task_name), self.input_shape, self.multi_input,
+        return replace(
+            self, tasks=keep, train=_restrict(self.train, task_name), val=_restrict(self.val, task_name),
+            test=_restrict(self.test, task_name),
         )
 
 

@@ -3,7 +3,8 @@
 Per task kind, fitted on the training split: dense classification predicts each pixel
 position's most frequent class, dense regression each position's mean (a strong floor
 when, as in real scenes, depth depends on the image row), image-level classification
-the majority label, image-level regression the mean, binary and multilabel tasks each
+the majority label (token-level tasks: the most frequent tag, for every token),
+image-level regression the mean, binary and multilabel tasks each
 label's positive rate (as a logit). Unlabelled targets (NaN) are left out. They are evaluated with the same
 metric code as the model, on the test split.
 """
@@ -25,10 +26,10 @@ def fit_trivial(tasks: tuple[Task, ...], split: Split, device: torch.device, bat
     for _, targets in split.batches(batch_size, shuffle=False, generator=None, device=device):
         for task in tasks:
             y = targets[task.name]
-            if task.kind in ("segmentation", "classification"):
+            if task.kind in ("segmentation", "classification") or task.is_token_level:
                 valid = y != IGNORE_INDEX
                 one_hot = F.one_hot(y.clamp_min(0), task.num_outputs) * valid.unsqueeze(-1)
-                stat = one_hot.sum(0).double()
+                stat = (one_hot.flatten(0, -2) if task.is_token_level else one_hot).sum(0).double()
                 if task.kind == "segmentation":
                     stat = stat.permute(2, 0, 1)  # (C, H, W)
                 n = torch.ones((), dtype=torch.float64, device=device)
@@ -40,7 +41,7 @@ def fit_trivial(tasks: tuple[Task, ...], split: Split, device: torch.device, bat
             counts[task.name] = counts.get(task.name, 0) + n
     templates = {}
     for task in tasks:
-        if task.kind in ("segmentation", "classification"):
+        if task.kind in ("segmentation", "classification") or task.is_token_level:
             winner = sums[task.name].argmax(0)
             dim = 0 if task.kind == "segmentation" else -1
             templates[task.name] = F.one_hot(winner, task.num_outputs).movedim(-1, dim).float()
@@ -57,6 +58,7 @@ def evaluate_trivial(
     for _, targets in split.batches(batch_size, shuffle=False, generator=None, device=device):
         for task in tasks:
             y = targets[task.name]
-            pred = templates[task.name].unsqueeze(0).expand(len(y), *templates[task.name].shape)
+            template = templates[task.name]
+            pred = template.expand(*y.shape, *template.shape) if task.is_token_level else template.unsqueeze(0).expand(len(y), *template.shape)
             accumulators[task.name].update(pred, y)
     return {name: acc.compute() for name, acc in accumulators.items()}
