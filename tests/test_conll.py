@@ -90,3 +90,15 @@ def test_long_sentences_are_truncated_and_counted(tmp_path: Path, caplog: pytest
 def test_missing_files_name_the_root(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="CoNLL files not found"):
         build_taskset(compose_config(text_config(tmp_path / "nowhere")))
+
+
+def test_four_task_recipe(tmp_path: Path) -> None:
+    """experiment=conll_four_tasks reads a fifth column of semantic roles, scored as chunks."""
+    with_roles = "\n".join(
+        f"{line} {role}" if line and not line.startswith("-DOCSTART-") else line
+        for line, role in zip(TRAIN.splitlines(), ["", "", "B-A0", "B-V", "B-A1", "I-A1", "O", "", "B-A0", "I-A0"])
+    )
+    dev = "Peter NNP B-NP B-PER B-A0\nrejects VBZ B-VP O B-V\n"
+    root = write_corpus(tmp_path / "conll", train=with_roles + "\n", dev=dev)
+    taskset = build_taskset(compose_config(["experiment=conll_four_tasks", f"dataset.root={root}"]))
+    assert [(t.name, t.kind) for t in taskset.tasks] == [("pos", "tagging"), ("chunk", "spans"), ("ner", "spans"), ("srl", "spans")]
