@@ -132,15 +132,18 @@ def test_nothing_refers_to_files_outside_the_repository() -> None:
 
 
 def test_cited_docs_pages_exist() -> None:
-    """Code and pages cite docs/<page>.md by path; each cited page must be in docs/."""
+    """Code and pages cite docs/<page>.md (and #<heading>) by path; each must be in docs/."""
     missing = []
     for path in repository_files():
         text = text_of(path)
         if text is None:
             continue
-        for name in set(re.findall(r"(?<![\w.])docs/([\w/-]+\.md)", text)):
-            if not (ROOT / "docs" / name).is_file():
+        for name, anchor in set(re.findall(r"(?<![\w.])docs/([\w/-]+\.md)(?:#([\w-]+))?", text)):
+            page = ROOT / "docs" / name
+            if not page.is_file():
                 missing.append(f"{path.relative_to(ROOT)} cites docs/{name}")
+            elif anchor and anchor not in anchors(page):
+                missing.append(f"{path.relative_to(ROOT)} cites docs/{name}#{anchor}, a heading the page lacks")
     assert not missing, "; ".join(missing)
 
 
