@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from mtl_runner.data.roots import root_check
+from mtl_runner.data.text import load_pretrained
 from mtl_runner.models.backbones import Backbone
 from mtl_runner.models.heads import make_head
 from mtl_runner.tasks import Task
@@ -108,6 +110,51 @@ class TransformerEncoder(Backbone):
         stages += [EncoderStage(width, heads, ffn, dropout) for _ in range(layers)]
         self.stages = nn.ModuleList(stages)
         self.stage_channels = (width,) * (layers + 1)
+        self.output_stride = None
+
+    def make_head(self, task: Task, input_shape: Sequence[int]) -> nn.Module:
+        return text_head(task, self.out_channels, input_shape)
+
+
+def _check_cached(name: str, **_: object) -> None:
+    """Preflight: the model's tokenizer and configuration are in the local cache (or the
+    machine may download them); otherwise one line before anything is written."""
+    load_pretrained("AutoTokenizer", name)
+    load_pretrained("AutoConfig", name)
+
+
+class PretrainedStage(nn.Module):
+    """The whole HuggingFace encoder as one stage: ids -> last hidden states, padding zeroed."""
+
+    def __init__(self, model: nn.Module, pad_id: int) -> None:
+        super().__init__()
+        self.model = model
+        self.pad_id = pad_id
+
+    def forward(self, ids: Tensor) -> Tensor:
+        real = ids != self.pad_id
+        hidden = self.model(input_ids=ids, attention_mask=real.long()).last_hidden_state
+        return hidden * real.unsqueeze(-1)
+
+
+@root_check(_check_cached)
+class PretrainedEncoder(Backbone):
+    """a HuggingFace encoder (``backbone.name``: a model in the local cache or a local
+    directory) as the shared trunk; one stage, so ``finetune.freeze_stages=1`` freezes it."""
+
+    def __init__(self, input_shape: Sequence[int], vocab_size: int, name: str) -> None:
+        super().__init__()
+        if len(input_shape) != 1:
+            raise ValueError(f"backbone=hf reads (L,) token ids, got input shape {tuple(input_shape)}")
+        model = load_pretrained("AutoModel", name)
+        assert isinstance(model, nn.Module)
+        embeddings = model.get_input_embeddings().num_embeddings
+        if vocab_size > embeddings:
+            raise ValueError(f"backbone.name={name}: the data's tokenizer has {vocab_size} ids, the model embeds {embeddings}; tokenize with the model's own tokenizer (dataset.tokenizer)")
+        tokenizer = load_pretrained("AutoTokenizer", name)
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        self.stages = nn.ModuleList([PretrainedStage(model, 0 if pad_id is None else int(pad_id))])
+        self.stage_channels = (int(model.config.hidden_size),)
         self.output_stride = None
 
     def make_head(self, task: Task, input_shape: Sequence[int]) -> nn.Module:
