@@ -238,11 +238,17 @@ def text_taskset(
     tokenizer: Tokenizer,
     max_length: int,
     truncation: str,
+    targets: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> TaskSet:
-    """The three splits encoded, with a warning counting the sentences cut to ``max_length``."""
+    """The three splits encoded, with a warning counting the sentences cut to ``max_length``.
+    ``targets`` (split -> task -> tensor): labels already encoded (a table's columns, with
+    their missing labels); the other tasks' labels come from the examples."""
+    given = targets or {split: {} for split in splits}
     encoded = {}
     for split, examples in splits.items():
-        encoded[split], truncated = encode_split(examples, tokenizer, tasks, max_length, truncation, f"dataset={name} {split}")
+        own = [t for t in tasks if t.name not in given[split]]
+        inputs, truncated = encode_split(examples, tokenizer, own, max_length, truncation, f"dataset={name} {split}")
+        encoded[split] = SequenceSplit(inputs.tokens, inputs.lengths, {**inputs.targets, **given[split]}, tokenizer.pad_id)
         if truncated:
             log.warning("dataset=%s: %d of %d %s sentences were longer than dataset.max_length=%d tokens and were truncated",
                         name, truncated, len(examples), split, max_length)
