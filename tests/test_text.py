@@ -126,3 +126,5 @@ def test_run_with_baselines_and_delta_m_in_the_features_space(tmp_path: Path) ->
     assert ner["f1"]["trivial"] == 0.0  # the most frequent tag is O: no entity found
     assert "stl" in results["tasks"]["pos"]["metrics"]["accuracy"]
     assert isinstance(results["delta_m_pct"], float)
+    summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
+    assert summary["tasks"]["pos"]["train"]["coverage"] == 1.0  # padding is not a missing label

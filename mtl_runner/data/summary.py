@@ -42,7 +42,9 @@ def _task_statistics(task: Task, target: Tensor) -> dict[str, Any]:
         labelled = target[target != IGNORE_INDEX]
         counts = torch.bincount(labelled.reshape(-1), minlength=task.num_outputs).tolist()
         names = task.class_names or tuple(str(i) for i in range(len(counts)))
-        return {"coverage": labelled.numel() / max(target.numel(), 1), "classes": dict(zip(names, counts))}
+        # a token-level target's IGNORE_INDEX marks padding, [CLS] and later sub-words, not missing labels
+        coverage = 1.0 if task.is_token_level else labelled.numel() / max(target.numel(), 1)
+        return {"coverage": coverage, "classes": dict(zip(names, counts))}
     valid = ~target.isnan()
     if task.kind == "depth":
         valid &= target > 0
