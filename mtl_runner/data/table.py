@@ -214,7 +214,7 @@ def encode_targets(
     else:
         names = tuple(map(str, distinct))
         codes = {v: i for i, v in enumerate(distinct)}
-        targets = {s: torch.from_numpy(v.map(codes).fillna(IGNORE_INDEX).to_numpy(dtype=np.int64)) for s, v in series.items()}
+        targets = {s: torch.tensor(v.map(codes).fillna(IGNORE_INDEX).to_numpy(dtype=np.int64)) for s, v in series.items()}
     return Task(spec.name, "classification", len(names), spec.loss, class_names=names, metric_names=spec.metrics), targets
 
 
@@ -275,7 +275,8 @@ class InputEncoder:
     def transform(self, frame: pd.DataFrame, split: str) -> Tensor:
         parts = [((self._numeric_values(frame, split) - self.mean) / self.std).astype(np.float32)]
         for column, categories in self.categories.items():
-            codes = pd.Categorical(frame[column].astype(str), categories=categories).codes
+            values = frame[column].astype(str)
+            codes = pd.Categorical(values.where(values.isin(categories)), categories=categories).codes
             one_hot = np.zeros((len(frame), len(categories)), np.float32)
             seen = codes >= 0
             one_hot[np.flatnonzero(seen), codes[seen]] = 1.0
