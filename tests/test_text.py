@@ -128,3 +128,12 @@ def test_run_with_baselines_and_delta_m_in_the_features_space(tmp_path: Path) ->
     assert isinstance(results["delta_m_pct"], float)
     summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
     assert summary["tasks"]["pos"]["train"]["coverage"] == 1.0  # padding is not a missing label
+
+
+@pytest.mark.slow
+def test_bench_text_times_uniform_and_each_method() -> None:
+    from scripts import bench_text
+
+    lines = bench_text.main(["--rounds", "1", "--steps", "1", "--warmup", "1", "--", *TINY_TEXT[2:]])
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| uniform", "| pcgrad (features)", "| cagrad (features)"]
+    assert lines[2].endswith("| 1.00 |")
