@@ -32,6 +32,7 @@ from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.train import distributed, finetune
 from mtl_runner.train.callbacks import Checkpointing, TrainingLog
 from mtl_runner.train.logger import RunLogger
+from mtl_runner.train.selection import ModelSelection, normalised_loss_score
 from mtl_runner.train.sharing_diagnostics import SharingDiagnostics
 from mtl_runner.train.trainer import Callback, Trainer
 
@@ -56,6 +57,7 @@ class Run:
     model: SharingModel
     device: torch.device
     logger: RunLogger
+    selection: ModelSelection | None = None
 
 
 def build_run(
@@ -81,7 +83,9 @@ def build_run(
     ``diagnostics`` adds the conflict and sharing diagnostics. ``group``: this rank of a
     ddp group (rank 0 alone writes). ``resume_step``: the step a resumed run restarts
     from; TensorBoard events from there on are dropped. Choices that turn out not to fit
-    together while wiring raise :class:`ConfigError`."""
+    together while wiring raise :class:`ConfigError`. Under ``trainer.select=best_val``
+    the run's :class:`ModelSelection` scores by the mean normalised validation loss
+    until its caller hands it a better score (the runner: validation Δm)."""
     main = group is None or group.is_main
     device = build.resolve_device(cfg.trainer.device)
     if group is not None:
@@ -108,6 +112,11 @@ def build_run(
             space=surgery.space, histograms=cfg.diagnostics.histograms, console=console,
         ), SharingDiagnostics()]
     wired += [*finetune_callbacks, *callbacks, TrainingLog()]
+    selection = None
+    if cfg.trainer.select == "best_val":
+        selection = ModelSelection(normalised_loss_score,
+                                   checkpoints.checkpoint_dir(run_dir) if files_dir is not None else None)
+        wired.append(selection)
     if run_dir is not None:
         config = OmegaConf.to_container(cfg, resolve=True)
         wired.append(Checkpointing(checkpoints.checkpoint_dir(run_dir), cfg.trainer.checkpoint_every_n_steps, config))  # type: ignore[arg-type]
@@ -120,4 +129,4 @@ def build_run(
         if own_logger:
             logger.close()
         raise ConfigError(str(exc).splitlines()[0]) from None
-    return Run(trainer, taskset, model, device, logger)
+    return Run(trainer, taskset, model, device, logger, selection)

@@ -24,7 +24,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,13 @@ from mtl_runner.assemble import build_run
 from mtl_runner.data.base import TaskSet
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.tasks import Task
+from mtl_runner.train.selection import BEST_NAME, Score
+from mtl_runner.train.state import EvalResult
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-#: Bumped when the meaning of a cached entry changes, so old entries are not reused.
-CACHE_FORMAT = 1
+#: Bumped when the meaning of a cached entry changes, so old entries are not reused
+#: (2: entries record validation metrics, which validation Δm and model selection need).
+CACHE_FORMAT = 2
 RECORD_FILE = "baseline.json"
 #: The options a baseline always uses, whatever the run chose.
 BASELINE_OPTIONS = {"sharing": "hard", "balancer": "uniform", "surgery": "none"}
@@ -67,6 +70,7 @@ class BaselineRecord:
     metrics: dict[str, float]
     num_parameters: int
     wall_time_s: float
+    val_metrics: dict[str, float]
     trained_now: bool = False
 
     @property
@@ -74,7 +78,7 @@ class BaselineRecord:
         return checkpoints.last_checkpoint(self.directory)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "dir": str(self.directory), "metrics": self.metrics,
+        return {"key": self.key, "dir": str(self.directory), "metrics": self.metrics, "val_metrics": self.val_metrics,
                 "num_parameters": self.num_parameters, "wall_time_s": self.wall_time_s, "cached": not self.trained_now}
 
 
@@ -140,6 +144,7 @@ def read_record(directory: Path) -> BaselineRecord | None:
             task=str(stored["task"]), key=directory.name, directory=directory,
             metrics={k: float(v) for k, v in stored["metrics"].items()},
             num_parameters=int(stored["num_parameters"]), wall_time_s=float(stored["wall_time_s"]),
+            val_metrics={k: float(v) for k, v in stored["val_metrics"].items()},
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -178,6 +183,7 @@ def _train(cfg: DictConfig, task_name: str, directory: Path, taskset: TaskSet | 
     run = build_run(bcfg, directory, name=f"baseline {task_name}", taskset=single, diagnostics=False)
     try:
         run.trainer.fit()
+        val = run.trainer.evaluate(run.trainer.taskset.val)
         test = run.trainer.test()
     finally:
         run.logger.close()
@@ -186,7 +192,7 @@ def _train(cfg: DictConfig, task_name: str, directory: Path, taskset: TaskSet | 
     task = single.tasks[0]
     record = BaselineRecord(
         task=task_name, key=directory.name, directory=directory, metrics=test.metrics[task_name],
-        num_parameters=build.count_parameters(model), wall_time_s=wall, trained_now=True,
+        num_parameters=build.count_parameters(model), wall_time_s=wall, val_metrics=val.metrics[task_name], trained_now=True,
     )
     io.write_json(directory / RECORD_FILE, {
         "format": CACHE_FORMAT,
@@ -194,6 +200,8 @@ def _train(cfg: DictConfig, task_name: str, directory: Path, taskset: TaskSet | 
         "task_spec": {**asdict(task), "class_names": list(task.class_names)},
         "input_shape": list(single.input_shape),
         "metrics": record.metrics,
+        "val_metrics": record.val_metrics,
+        "selected_epoch": run.selection.best_epoch if run.selection is not None else trainer.state.epoch,
         "num_parameters": record.num_parameters,
         "wall_time_s": wall,
         "epochs": trainer.state.epoch,
@@ -215,7 +223,8 @@ def load_baseline_model(record: BaselineRecord, device: torch.device | str = "cp
     input_shape = tuple(stored["input_shape"])
     taskset_shape = TaskSet(name="", tasks=(task,), train=None, val=None, test=None, input_shape=input_shape)  # type: ignore[arg-type]
     model = build.build_model(config, taskset_shape)
-    state = torch.load(record.checkpoint_path, map_location="cpu", weights_only=False)["model"]
+    best = checkpoints.checkpoint_dir(record.directory) / BEST_NAME  # trainer.select=best_val kept that epoch
+    state = torch.load(best if best.is_file() else record.checkpoint_path, map_location="cpu", weights_only=False)["model"]
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -260,6 +269,40 @@ def compare(tasks: dict[str, Any], baselines: Mapping[str, Mapping[str, float]])
         if not entry.get("auxiliary", False):
             all_deltas += deltas
     return _mean(all_deltas)
+
+
+def split_block(
+    tasks: tuple[Task, ...], metrics: Mapping[str, Mapping[str, float]], losses: Mapping[str, float],
+    stl: Mapping[str, Mapping[str, float]] | None,
+) -> dict[str, Any]:
+    """One split's block of ``results.json`` (``val`` or ``test``): the MTL model's metrics
+    and losses and, given the baselines' metrics on the same split, each metric's delta
+    and Δm (the mean over the main tasks' metrics, as :func:`compare`)."""
+    block: dict[str, Any] = {
+        "metrics": {t.name: {m.name: float(metrics[t.name][m.name]) for m in t.metrics} for t in tasks},
+        "losses": dict(losses),
+    }
+    if stl is None:
+        return block
+    deltas = {t.name: {m.name: delta_pct(float(metrics[t.name][m.name]), float(stl[t.name][m.name]), m.higher_is_better)
+                       for m in t.metrics} for t in tasks if t.name in stl}
+    block["delta_pct"] = deltas
+    block["delta_m_pct"] = _mean([d for t in tasks if t.name in deltas and not t.auxiliary
+                                  for d in deltas[t.name].values() if d is not None])
+    return block
+
+
+def validation_delta_m_score(tasks: tuple[Task, ...], records: Mapping[str, BaselineRecord]) -> Score:
+    """``trainer.select=best_val``'s score when baselines exist: Δm of a validation result
+    against the baselines' validation metrics (an undefined Δm never wins)."""
+    stl = {name: r.val_metrics for name, r in records.items()}
+
+    def score(result: EvalResult, history: Sequence[dict[str, Any]]) -> float:
+        del history
+        value = split_block(tasks, result.metrics, result.losses, stl).get("delta_m_pct")
+        return -math.inf if value is None else float(value)
+
+    return score
 
 
 def add_to_results(results: dict[str, Any], records: Mapping[str, BaselineRecord]) -> None:

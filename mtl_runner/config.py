@@ -94,6 +94,7 @@ class TrainerConfig:
         lambda v: v is None or v >= 1, "null (the launcher's share of the CPU cores) or an integer >= 1")
     strategy: str = _setting(lambda v: v in ("single", "ddp"), "single or ddp (under torchrun)")
     sync_batchnorm: bool = MISSING
+    select: str = _setting(lambda v: v in ("last", "best_val"), "last or best_val (the epoch with the best validation score)")
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> TrainerConfig:

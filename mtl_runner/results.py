@@ -4,7 +4,11 @@
 (``mtl``), its direction (``higher_is_better``) and the trivial predictor's value
 (``trivial``); the single-task baseline fields (``stl``, ``delta_pct``, per task
 ``delta_pct_mean``), ``delta_m_pct``, ``parameters.stl_sum`` and the ``baselines`` section
-are added by :func:`mtl_runner.baselines.add_to_results` when baselines ran.
+are added by :func:`mtl_runner.baselines.add_to_results` when baselines ran. Those fields
+are the test set's; the ``val`` and ``test`` blocks hold each split's metrics, losses,
+deltas and Δm side by side (validation Δm against the baselines' validation metrics),
+and ``selection`` the epoch reported (``trainer.select``). Anything that chooses between
+runs or epochs reads ``val``; ``test`` is what is reported for the choice.
 """
 
 from __future__ import annotations
@@ -73,8 +77,23 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("delta_m_pct") is not None:
         lines.append(f"**Δm = {results['delta_m_pct']:+.2f}%** (positive: better than single-task baselines)")
         lines.append("")
-    lines += [f"{line}  " for line in comparison_lines(results)]
+    lines += [f"{line}  " for line in split_lines(results) + comparison_lines(results)]
     return "\n".join(lines) + "\n"
+
+
+def split_lines(results: dict[str, Any]) -> list[str]:
+    """Which epoch is reported and, with baselines, Δm on validation beside test: the
+    table above is the test set's, and a comparison between runs should be read on the
+    validation line."""
+    selection = results.get("selection")
+    if selection is None:
+        return []
+    rule = "the best validation score" if selection["rule"] == "best_val" else "the last epoch"
+    lines = [f"Reported model: epoch {selection['epoch']} ({rule}, trainer.select={selection['rule']})"]
+    val, test = results["val"].get("delta_m_pct"), results["test"].get("delta_m_pct")
+    if val is not None or test is not None:
+        lines.append(f"Δm validation {_signed(val)} (for choosing), test {_signed(test)} (for reporting)")
+    return lines
 
 
 def comparison_lines(results: dict[str, Any]) -> list[str]:
@@ -113,13 +132,14 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     console.print(table)
     if results.get("delta_m_pct") is not None:
         console.print(f"Δm = {results['delta_m_pct']:+.2f}% (positive: better than single-task baselines)")
-    for line in comparison_lines(results):
+    for line in split_lines(results) + comparison_lines(results):
         console.print(line)
 
 
 def final_metrics(results: dict[str, Any]) -> dict[str, float]:
     """Flat ``test/<task>/<metric>`` values of the main tasks (and Δm when present) for
-    TensorBoard's HPARAMS tab; auxiliary tasks are not what a run is judged by."""
+    TensorBoard's HPARAMS tab, and their ``val/`` twins, the columns to sort a sweep by;
+    auxiliary tasks are not what a run is judged by."""
     flat = {
         f"hparam/test/{task}/{metric}": float(v["mtl"])
         for task, entry in results["tasks"].items()
@@ -128,6 +148,12 @@ def final_metrics(results: dict[str, Any]) -> dict[str, float]:
     }
     if results.get("delta_m_pct") is not None:
         flat["hparam/delta_m_pct"] = float(results["delta_m_pct"])
+    val = results.get("val")
+    if val is not None:
+        main = [task for task, entry in results["tasks"].items() if not entry.get("auxiliary", False)]
+        flat.update({f"hparam/val/{task}/{metric}": float(value) for task in main for metric, value in val["metrics"][task].items()})
+        if val.get("delta_m_pct") is not None:
+            flat["hparam/val/delta_m_pct"] = float(val["delta_m_pct"])
     return flat
 
 

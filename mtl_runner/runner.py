@@ -89,7 +89,13 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
             console.print(f"resuming {run_dir} at epoch {trainer.state.epoch + 1}, step {trainer.state.step}")
+        # Baselines first: best_val selection scores by validation Δm against them (every
+        # ddp rank reads them, so all ranks select the same epoch).
+        records = baselines.ensure_all(cfg, taskset, console) if cfg.baseline.enabled and (main or run.selection) else None
+        if run.selection is not None and records:
+            run.selection.score = baselines.validation_delta_m_score(taskset.tasks, records)
         trainer.fit()
+        val = trainer.evaluate(trainer.taskset.val)
         test = trainer.test()
         trivial = evaluate_trivial(taskset.tasks, fit_trivial(taskset.tasks, taskset.train, device), taskset.test, device)
         out: dict[str, Any] = {
@@ -106,13 +112,16 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
             "steps": trainer.state.step,
             "resumed": checkpoint is not None,
             "jacobian_strategy": trainer.engine.strategy,
+            "selection": run.selection.summary() if run.selection else {"rule": "last", "epoch": trainer.state.epoch},
+            "val": baselines.split_block(taskset.tasks, val.metrics, val.losses, records and {t: r.val_metrics for t, r in records.items()}),
+            "test": baselines.split_block(taskset.tasks, test.metrics, test.losses, records and {t: r.metrics for t, r in records.items()}),
             "wall_time_s": time.perf_counter() - started,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         if not main:
             return out
-        if cfg.baseline.enabled:
-            baselines.add_to_results(out, baselines.ensure_all(cfg, taskset, console))
+        if records is not None:
+            baselines.add_to_results(out, records)
         results.write(run_dir, out)
         results.print_summary(out, console)
         hparams = {**option_names(cfg, choices), "lr": float(cfg.optimizer.lr), "seed": int(cfg.trainer.seed)}
