@@ -199,6 +199,7 @@ def _train(cfg: DictConfig, task_name: str, directory: Path, taskset: TaskSet | 
         "task": task_name,
         "task_spec": {**asdict(task), "class_names": list(task.class_names)},
         "input_shape": list(single.input_shape),
+        "vocab_size": single.vocab_size,
         "metrics": record.metrics,
         "val_metrics": record.val_metrics,
         "selected_epoch": run.selection.best_epoch if run.selection is not None else trainer.state.epoch,
@@ -221,7 +222,8 @@ def load_baseline_model(record: BaselineRecord, device: torch.device | str = "cp
     task = Task(**spec)
     config = OmegaConf.create(stored["config"])
     input_shape = tuple(stored["input_shape"])
-    taskset_shape = TaskSet(name="", tasks=(task,), train=None, val=None, test=None, input_shape=input_shape)  # type: ignore[arg-type]
+    taskset_shape = TaskSet(name="", tasks=(task,), train=None, val=None, test=None, input_shape=input_shape,  # type: ignore[arg-type]
+                            vocab_size=stored.get("vocab_size"))
     model = build.build_model(config, taskset_shape)
     best = checkpoints.checkpoint_dir(record.directory) / BEST_NAME  # trainer.select=best_val kept that epoch
     state = torch.load(best if best.is_file() else record.checkpoint_path, map_location="cpu", weights_only=False)["model"]

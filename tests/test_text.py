@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtl_runner.baselines import ensure_baseline, load_baseline_model
 from mtl_runner.build import build_model, build_taskset, check_compatible
 from mtl_runner.data.tagging_corpus import tagging_corpus
 from mtl_runner.data.text import Example, SequenceSplit, WordVocabulary, encode_split
@@ -128,6 +129,9 @@ def test_run_with_baselines_and_delta_m_in_the_features_space(tmp_path: Path) ->
     assert isinstance(results["delta_m_pct"], float)
     summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
     assert summary["tasks"]["pos"]["train"]["coverage"] == 1.0  # padding is not a missing label
+    # a cached baseline rebuilds with its vocabulary (what mtl-affinity's CKA measure loads)
+    encoder = load_baseline_model(ensure_baseline(cfg, "ner")).encoder
+    assert encoder.stages[0].embed.num_embeddings == build_taskset(cfg).vocab_size
 
 
 @pytest.mark.slow
