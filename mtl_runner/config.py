@@ -170,13 +170,19 @@ class RunConfig:
     affinity: Optional[AffinityConfig] = None
     init_from: Optional[str] = None
     objective: Optional[str] = None
+    objective_on_test: bool = False
 
 
-#: Paths into a run's ``results.json`` that ``objective`` may name (see :mod:`mtl_runner.sweep`).
+#: Paths into a run's ``results.json`` that ``objective`` may name (see :mod:`mtl_runner.sweep`);
+#: the first three read the validation block, the others the test set.
 OBJECTIVE_PATTERNS = (
-    re.compile(r"delta_m_pct"),
+    re.compile(r"val\.delta_m_pct"),
+    re.compile(r"val\.(metrics|delta_pct)\.[^.]+\.[^.]+"),
+    re.compile(r"val\.losses\.[^.]+"),
+    re.compile(r"(test\.)?delta_m_pct"),
     re.compile(r"tasks\.[^.]+\.metrics\.[^.]+\.(mtl|delta_pct)"),
-    re.compile(r"test_losses\.[^.]+"),
+    re.compile(r"test\.(metrics|delta_pct)\.[^.]+\.[^.]+"),
+    re.compile(r"(test_losses|test\.losses)\.[^.]+"),
 )
 
 #: ``affinity.measures`` a user may choose (one module each in ``mtl_runner/affinity/``).
@@ -186,7 +192,9 @@ AFFINITY_MEASURES = ("gradient", "lookahead", "cka")
 #: (key, predicate, what is allowed) for values whose type alone does not say enough.
 VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     *TrainerConfig.value_rules(),
-    ("objective", lambda v: v is None or any(p.fullmatch(v) for p in OBJECTIVE_PATTERNS), "null, delta_m_pct, or tasks.<task>.metrics.<metric>.<mtl|delta_pct>, test_losses.<task>"),
+    ("objective", lambda v: v is None or any(p.fullmatch(v) for p in OBJECTIVE_PATTERNS),
+     "null, val.delta_m_pct, val.<metrics|delta_pct>.<task>.<metric>, val.losses.<task> (or, with objective_on_test=true, "
+     "delta_m_pct, tasks.<task>.metrics.<metric>.<mtl|delta_pct>, test_losses.<task>)"),
     ("optimizer.lr", lambda v: v > 0, "a float > 0"),
     ("diagnostics.every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 turns diagnostics off)"),
     ("diagnostics.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
@@ -230,6 +238,9 @@ def validate(cfg: DictConfig) -> None:
             good = False
         if not good:
             raise ConfigError(f"{key}={value!r} is not allowed; expected {allowed}")
+    if cfg.get("objective") is not None and not str(cfg.objective).startswith("val.") and not cfg.get("objective_on_test"):
+        raise ConfigError(f"objective={cfg.objective} reads the test set; a search selects, so give a val.* path "
+                          "(val.delta_m_pct), or set objective_on_test=true to tune on test knowingly")
 
 
 def validate_target_node(node: Any, path: str) -> None:

@@ -93,6 +93,10 @@ def split_lines(results: dict[str, Any]) -> list[str]:
     val, test = results["val"].get("delta_m_pct"), results["test"].get("delta_m_pct")
     if val is not None or test is not None:
         lines.append(f"Δm validation {_signed(val)} (for choosing), test {_signed(test)} (for reporting)")
+    config = results.get("config", {})
+    if config.get("objective_on_test") and config.get("objective"):
+        lines.append(f"TUNED ON THE TEST SET: objective={config['objective']} with objective_on_test=true; "
+                     "the test numbers of the chosen configuration are optimistic")
     return lines
 
 

@@ -6,7 +6,8 @@ only adapts a job to them. A joblib launcher runs ``n_jobs`` jobs side by side o
 machine: each job takes ``cores // n_jobs`` CPU threads (torch's default of all cores
 per job would oversubscribe the machine ``n_jobs`` times) and, where GPUs exist, one GPU
 by job number. An Optuna sweeper reads the task function's return value: the run's
-``objective`` (a dotted path into ``results.json``), or ``None`` for a failed job, which
+``objective`` (a dotted path into ``results.json``: its ``val`` block, since a search
+selects; a test-set path only under ``objective_on_test=true``), or ``None`` for a failed job, which
 the sweeper records as a failed trial without stopping the study (a NaN would not do:
 Optuna refuses it while telling, which aborts the sweep).
 """
@@ -31,14 +32,21 @@ def objective_value(results: dict[str, Any], objective: str | None) -> float | N
     node: Any = results
     for part in objective.split("."):
         if not isinstance(node, dict) or part not in node:
-            offered = sorted(_leaf_paths(results.get("tasks", {}), "tasks")) + sorted(f"test_losses.{t}" for t in results.get("test_losses", {}))
-            if results.get("delta_m_pct") is not None:
-                offered.insert(0, "delta_m_pct")
+            offered = _split_paths(results.get("val", {}), "val") + (["delta_m_pct"] if results.get("delta_m_pct") is not None else [])
+            offered += sorted(_leaf_paths(results.get("tasks", {}), "tasks")) + sorted(f"test_losses.{t}" for t in results.get("test_losses", {}))
             raise ConfigError(f"objective={objective}: not in this run's results; available: {', '.join(offered)}")
         node = node[part]
     if node is None:
         raise ConfigError(f"objective={objective}: this run's results hold no value there (are single-task baselines computed?)")
     return float(node)
+
+
+def _split_paths(block: dict[str, Any], prefix: str) -> list[str]:
+    """The objective paths a ``val``/``test`` block of ``results.json`` offers."""
+    paths = [f"{prefix}.delta_m_pct"] if block.get("delta_m_pct") is not None else []
+    for field in ("metrics", "delta_pct"):
+        paths += sorted(f"{prefix}.{field}.{task}.{metric}" for task, values in block.get(field, {}).items() for metric in values)
+    return paths + sorted(f"{prefix}.losses.{task}" for task in block.get("losses", {}))
 
 
 def _leaf_paths(tasks: dict[str, Any], prefix: str) -> list[str]:

@@ -17,6 +17,7 @@ import yaml
 from mtl_runner import build
 from mtl_runner.assemble import build_run
 from mtl_runner.config import ConfigError
+from mtl_runner.results import split_lines
 from mtl_runner.sweep import objective_value
 from mtl_runner.train import distributed
 from tests.conftest import TINY, compose_config, run_cli
@@ -113,7 +114,7 @@ def test_joblib_sweep_runs_jobs_concurrently(tmp_path: Path) -> None:
 def test_optuna_search_records_the_best_trial(tmp_path: Path) -> None:
     result = run_cli(
         ["-m", "hparams_search=cagrad_optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.direction=minimize",
-         "objective=test_losses.depth", *TINY, "baseline=off", "diagnostics=off"],
+         "objective=val.losses.depth", *TINY, "baseline=off", "diagnostics=off"],
         cwd=tmp_path, timeout=400,
     )
     assert result.returncode == 0, result.stderr
@@ -124,20 +125,32 @@ def test_optuna_search_records_the_best_trial(tmp_path: Path) -> None:
     for job in (p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")):
         results = json.loads((job / "results.json").read_text())
         assert results["config"]["surgery"]["_target_"].endswith("CAGrad")
-        values.append(results["test_losses"]["depth"])
+        values.append(results["val"]["losses"]["depth"])
     assert len(values) == 3
     assert best["best_value"] == pytest.approx(min(values))
 
 
 def test_objective_names_what_results_offer() -> None:
-    results = {"delta_m_pct": 1.5, "tasks": {"seg": {"metrics": {"miou": {"mtl": 0.4, "delta_pct": None}}}}, "test_losses": {"seg": 0.7}}
+    results = {"delta_m_pct": 1.5, "tasks": {"seg": {"metrics": {"miou": {"mtl": 0.4, "delta_pct": None}}}}, "test_losses": {"seg": 0.7},
+               "val": {"metrics": {"seg": {"miou": 0.5}}, "losses": {"seg": 0.6}, "delta_m_pct": 2.5}}
+    assert objective_value(results, "val.delta_m_pct") == 2.5
+    assert objective_value(results, "val.metrics.seg.miou") == pytest.approx(0.5)
     assert objective_value(results, "delta_m_pct") == 1.5
-    assert objective_value(results, "tasks.seg.metrics.miou.mtl") == pytest.approx(0.4)
     assert objective_value(results, None) is None
-    with pytest.raises(ConfigError, match="available: delta_m_pct, tasks.seg.metrics.miou.mtl, test_losses.seg"):
+    with pytest.raises(ConfigError, match="available: val.delta_m_pct, val.metrics.seg.miou, val.losses.seg, delta_m_pct, tasks.seg.metrics.miou.mtl, test_losses.seg"):
         objective_value(results, "tasks.depth.metrics.abs_err.mtl")
     with pytest.raises(ConfigError, match="objective"):
         compose_and_validate(["objective=tasks.seg.miou"])
+
+
+def test_tuning_on_the_test_set_needs_the_flag_and_says_so() -> None:
+    with pytest.raises(ConfigError, match="objective=delta_m_pct reads the test set.*objective_on_test=true"):
+        compose_and_validate(["objective=delta_m_pct"])
+    compose_and_validate(["objective=delta_m_pct", "objective_on_test=true"])
+    compose_and_validate(["hparams_search=optuna"])  # the search's default objective is validation Δm
+    lines = split_lines({"selection": {"rule": "last", "epoch": 2}, "val": {}, "test": {},
+                         "config": {"objective": "delta_m_pct", "objective_on_test": True}})
+    assert any(line.startswith("TUNED ON THE TEST SET") for line in lines)
 
 
 def compose_and_validate(overrides: list[str]) -> None:
