@@ -8,7 +8,11 @@ directories, so a single run, a sweep, or a folder of sweeps all work. A job wit
 
 Columns: the job, its status, the overrides that differ between the jobs shown (a
 constant override says nothing about the ranking), each task's mean delta against its
-single-task baseline (``delta_pct_mean``, in %) and Δm.
+single-task baseline (``delta_pct_mean``, in %, test set), Δm on validation and on test.
+Rows are ranked by validation Δm: a ranking selects, and selecting on test would make the
+test numbers optimistic. Jobs that differ only by ``trainer.seed`` are also grouped into
+one row per configuration with means, intervals and a verdict against a reference
+(:mod:`mtl_runner.seeds`).
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from rich.console import Console
 from rich.table import Table
 
 from mtl_runner import io as files
+from mtl_runner import seeds
 from mtl_runner.config import PRESENTATION_KEYS
 from mtl_runner.errors import ReportError
 
-DELTA_M = "Δm %"
+DELTA_M = "Δm test %"
+DELTA_M_VAL = "Δm val %"
 
 
 @dataclass
@@ -47,6 +53,10 @@ class JobRow:
     task_deltas: dict[str, float | None] = field(default_factory=dict)
     delta_m: float | None = None
     error: str | None = None
+    val_delta_m: float | None = None
+    seed: str | None = None
+    #: The option chosen in each config group (Hydra's runtime choices), e.g. balancer -> uniform.
+    choices: dict[str, str] = field(default_factory=dict)
 
 
 def _is_job(path: Path) -> bool:
@@ -86,8 +96,28 @@ def _overrides(job: Path) -> dict[str, str]:
     return out
 
 
+def _choices(job: Path) -> dict[str, str]:
+    file = job / ".hydra" / "hydra.yaml"
+    try:
+        choices = OmegaConf.select(OmegaConf.load(file), "hydra.runtime.choices", default=None) if file.is_file() else None
+    except Exception:  # a damaged hydra.yaml: the job is grouped by its overrides alone
+        return {}
+    return {str(k): str(v) for k, v in (choices or {}).items()}
+
+
+def _split_fields(row: JobRow, results: dict[str, Any]) -> None:
+    """Validation Δm and the seed of a job's results (either may be absent: older runs)."""
+    val, config = results.get("val"), results.get("config")
+    if isinstance(val, dict) and isinstance(val.get("delta_m_pct"), (int, float)):
+        row.val_delta_m = float(val["delta_m_pct"])
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    if isinstance(trainer, dict) and trainer.get("seed") is not None:
+        row.seed = str(trainer["seed"])
+
+
 def load_job(job: Path, name: str) -> JobRow:
-    row = JobRow(name=name, path=job, status="unfinished", overrides=_overrides(job))
+    row = JobRow(name=name, path=job, status="unfinished", overrides=_overrides(job), choices=_choices(job))
+    row.seed = row.overrides.get(seeds.SEED_KEY)
     file = job / "results.json"
     if not file.is_file():
         return row
@@ -100,6 +130,7 @@ def load_job(job: Path, name: str) -> JobRow:
     row.error = results.get("error")
     row.delta_m = results.get("delta_m_pct")
     row.task_deltas = {task: entry.get("delta_pct_mean") for task, entry in results.get("tasks", {}).items()}
+    _split_fields(row, results)
     return row
 
 
@@ -123,12 +154,12 @@ class ReportTable:
     rows: list[JobRow]
     override_keys: list[str]
     tasks: list[str]
-    sorted_by: str = DELTA_M
+    sorted_by: str = DELTA_M_VAL
 
     def values(self, row: JobRow) -> list[Any]:
         """The row's cells as data (None where empty), in ``headers`` order."""
         return ([row.name, row.status] + [row.overrides.get(k) for k in self.override_keys]
-                + [row.task_deltas.get(t) for t in self.tasks] + [row.delta_m])
+                + [row.task_deltas.get(t) for t in self.tasks] + [row.val_delta_m, row.delta_m])
 
 
 def _varying(rows: list[JobRow]) -> list[str]:
@@ -150,18 +181,19 @@ def _task_header(task: str) -> str:
     return f"Δ{task} %"
 
 
-def build_table(rows: list[JobRow], sort: str = "delta_m") -> ReportTable:
-    """Columns and sorted rows. ``sort``: ``delta_m`` (the default), ``job``, ``status``, an
-    override key or a task name; deltas sort best first, override values in ascending
-    (numeric where they all are numbers) order, jobs without a value last."""
+def build_table(rows: list[JobRow], sort: str = "delta_m_val") -> ReportTable:
+    """Columns and sorted rows. ``sort``: ``delta_m_val`` (the default), ``delta_m`` (test),
+    ``job``, ``status``, an override key or a task name; deltas sort best first, override
+    values in ascending (numeric where they all are numbers) order, jobs without a value last."""
     keys = _varying(rows)
     tasks = list(dict.fromkeys(t for r in rows for t in r.task_deltas))
-    table = ReportTable(["job", "status", *keys, *map(_task_header, tasks), DELTA_M], rows, keys, tasks)
-    columns = {"delta_m": DELTA_M, "job": "job", "status": "status", **{k: k for k in keys}, **{t: _task_header(t) for t in tasks}}
+    table = ReportTable(["job", "status", *keys, *map(_task_header, tasks), DELTA_M_VAL, DELTA_M], rows, keys, tasks)
+    columns = {"delta_m_val": DELTA_M_VAL, "delta_m": DELTA_M, "job": "job", "status": "status",
+               **{k: k for k in keys}, **{t: _task_header(t) for t in tasks}}
     if sort not in columns:
         raise ReportError(f"--sort {sort}: no such column; allowed: {', '.join(columns)}")
     index = table.headers.index(columns[sort])
-    best_first = columns[sort] == DELTA_M or sort in tasks
+    best_first = columns[sort] in (DELTA_M, DELTA_M_VAL) or sort in tasks
     numbers = sort in keys and all(_is_number(r.overrides.get(sort)) for r in rows if r.overrides.get(sort) is not None)
 
     def order(row: JobRow) -> tuple[int, Any]:
@@ -251,14 +283,39 @@ def plot(table: ReportTable, path: Path) -> None:
     plt.close(fig)
 
 
+def seed_report(table: ReportTable, reference_job: str | None, rank_on: str = "val") -> str | None:
+    """The seed groups as Markdown with the verdict sentence; None when no configuration
+    has more than one seed (and no ``--reference`` asks for the comparison)."""
+    groups = seeds.group_rows(table.rows)
+    if reference_job is None and all(len(g.seeds) < 2 for g in groups):
+        return None
+    if reference_job is None:
+        reference = seeds.default_reference(groups)
+    else:
+        reference = next((g for g in groups if reference_job in g.jobs), None)
+        if reference is None:
+            raise ReportError(f"--reference {reference_job}: no completed job of that name; jobs: {', '.join(j for g in groups for j in g.jobs)}")
+    summaries = seeds.summarise(groups, reference, rank_on)
+    tasks = list(dict.fromkeys(t for g in groups for t in g.task_deltas))
+    heads = seeds.headers(tasks, reference, rank_on)
+    lines = [f"Seed groups, ranked by mean {rank_on} Δm (mean ± half-width of the 95% t-interval over seeds):", "",
+             "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    lines += ["| " + " | ".join(seeds.cells(s, tasks, reference)) + " |" for s in summaries]
+    return "\n".join([*lines, "", seeds.conclusion(summaries, reference, rank_on)]) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mtl-report", description="Compare mtl-run runs and sweeps: one row per job, sorted by Δm.")
+    parser = argparse.ArgumentParser(prog="mtl-report", description="Compare mtl-run runs and sweeps: one row per job, sorted by "
+                                     "validation Δm; jobs differing only by trainer.seed grouped with 95% intervals and a paired t-test")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="run, sweep or outputs directories")
     parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the table as CSV (with errors and job paths)")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as Markdown")
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="bar chart of Δm per job and heatmap of per-task deltas")
-    parser.add_argument("--sort", default="delta_m", metavar="COLUMN",
-                        help="delta_m (default), job, status, an override key or a task name")
+    parser.add_argument("--sort", default="delta_m_val", metavar="COLUMN",
+                        help="delta_m_val (default: validation Δm), delta_m (test), job, status, an override key or a task name")
+    parser.add_argument("--reference", metavar="JOB", help="the seed group to test against: one of its jobs (default: balancer=uniform, surgery=none)")
+    parser.add_argument("--rank-on", choices=("val", "test"), default="val",
+                        help="the Δm that ranks seed groups and is tested against the reference (default: val)")
     args = parser.parse_args(argv)
     try:
         for out in (args.csv, args.markdown, args.plot):
@@ -267,14 +324,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.plot is not None and args.plot.suffix.lower() != ".png":
             raise ReportError(f"--plot {args.plot}: give a .png file")
         table = build_table(collect(args.paths), args.sort)
+        grouped = seed_report(table, args.reference, args.rank_on)
     except ReportError as exc:
         print(f"mtl-report: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     # Piped output (a file, CI logs) gets the full table rather than one cut to 80 columns.
-    print_table(table, Console() if sys.stdout.isatty() else Console(width=1000))
+    console = Console() if sys.stdout.isatty() else Console(width=1000)
+    print_table(table, console)
+    if grouped is not None:
+        console.print(grouped, markup=False)
     if args.csv is not None:
         files.write_text(args.csv, to_csv(table))
     if args.markdown is not None:
-        files.write_text(args.markdown, to_markdown(table))
+        files.write_text(args.markdown, to_markdown(table) + ("" if grouped is None else "\n" + grouped))
     if args.plot is not None:
         plot(table, args.plot)

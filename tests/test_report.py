@@ -48,7 +48,7 @@ def test_report_prints_sorted_table_and_marks_the_failures(sweep: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = next(line for line in lines if "job" in line and "status" in line)
-    for column in ("job", "status", "optimizer.lr", "Δt1 %", "Δt2 %", "Δm %"):
+    for column in ("job", "status", "optimizer.lr", "Δt1 %", "Δt2 %", "Δm val %", "Δm test %"):
         assert column in header
     job_lines = [line for line in lines if line.startswith("│")]
     assert len(job_lines) == 3
@@ -58,10 +58,10 @@ def test_report_prints_sorted_table_and_marks_the_failures(sweep: Path) -> None:
     rows = collect([sweep])
     completed = [r for r in rows if r.status == "completed"]
     table = build_table(rows)
-    assert [r.delta_m for r in table.rows[:2]] == sorted((r.delta_m for r in completed), reverse=True)
+    assert [r.val_delta_m for r in table.rows[:2]] == sorted((r.val_delta_m for r in completed), reverse=True)
     for row in completed:
         stored = json.loads((row.path / "results.json").read_text())
-        assert row.delta_m == stored["delta_m_pct"]
+        assert row.delta_m == stored["delta_m_pct"] and row.val_delta_m == stored["val"]["delta_m_pct"]
         assert row.task_deltas["t1"] == stored["tasks"]["t1"]["delta_pct_mean"]
 
 
@@ -74,7 +74,7 @@ def test_report_writes_csv_markdown_and_a_valid_png(sweep: Path, tmp_path: Path,
         rows = list(csv.DictReader(handle))
     assert [r["optimizer.lr"] for r in rows] == ["0.001", "0.01", "1e+30"]
     failed = [r for r in rows if r["status"] == "failed"]
-    assert len(failed) == 1 and failed[0]["Δm %"] == "" and "NonFiniteError" in failed[0]["error"]
+    assert len(failed) == 1 and failed[0]["Δm test %"] == "" and "NonFiniteError" in failed[0]["error"]
     assert out_md.read_text().startswith("| job | status |")
     assert out_png.read_bytes()[:8] == PNG_SIGNATURE
     image = matplotlib.image.imread(out_png)
@@ -91,11 +91,11 @@ def test_unfinished_jobs_and_sorting(tmp_path: Path) -> None:
     made = [JobRow("a", tmp_path, "completed", {"x": "1"}, {"t": -3.0}, -3.0),
             JobRow("b", tmp_path, "failed", {"x": "2"}, {}, None, "boom"),
             JobRow("c", tmp_path, "completed", {"x": "10"}, {"t": 5.0}, 5.0)]
-    assert [r.name for r in build_table(made).rows] == ["c", "a", "b"]  # best Δm first, none last
+    assert [r.name for r in build_table(made, "delta_m").rows] == ["c", "a", "b"]  # best Δm first, none last
     assert [r.name for r in build_table(made, "t").rows] == ["c", "a", "b"]
     assert [r.name for r in build_table(made, "x").rows] == ["a", "b", "c"]  # 1 < 2 < 10: numbers
     markdown = to_markdown(build_table(made))
-    assert "| c | completed | 10 | +5.00 | +5.00 |" in markdown and "| b | failed | 2 | - | - |" in markdown
+    assert "| c | completed | 10 | +5.00 | - | +5.00 |" in markdown and "| b | failed | 2 | - | - | - |" in markdown
     with pytest.raises(ReportError, match="--sort nope"):
         build_table(made, "nope")
 
