@@ -268,7 +268,7 @@ def test_torchvision_backbone_errors_are_one_line(monkeypatch: pytest.MonkeyPatc
         tv.TorchvisionBackbone((3, 32, 32), "resnet9000")
     with pytest.raises(ValueError, match="backbone.arch=googlenet: its stages cannot be derived"):
         tv.TorchvisionBackbone((3, 32, 32), "googlenet")
-    with pytest.raises(ValueError, match=r"backbone.weights='IMAGENET' is not available for resnet18; allowed: null, DEFAULT, IMAGENET1K_V1"):
+    with pytest.raises(ValueError, match=r"backbone.weights='IMAGENET' is not available for resnet18; allowed: null, IMAGENET1K_V1, DEFAULT"):
         tv.check_weights("resnet18", "IMAGENET")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: "/nonexistent-hub")
     import torchvision.models._api as weights_api  # where the weights enum fetches from

@@ -255,37 +255,42 @@ class InputEncoder:
                     "dataset.categorical_columns or leave it out of dataset.input_columns"
                 )
         values = self._numeric_values(train, "train")
-        self.mean = values.mean(0) if len(values) else np.zeros(len(self.numeric), np.float64)
-        std = values.std(0) if len(values) else np.ones(len(self.numeric), np.float64)
-        self.std = np.where(std > 0, std, 1.0)
+        if len(values):
+            variance, mean = torch.var_mean(values, dim=0, correction=0)
+        else:
+            variance, mean = torch.ones(len(self.numeric)), torch.zeros(len(self.numeric))
+        self.mean = mean
+        self.std = torch.where(variance > 0, variance.sqrt(), 1.0)
         self.categories = {c: sorted(train[c].dropna().astype(str).unique().tolist()) for c in self.categorical}
 
     @property
     def width(self) -> int:
         return len(self.numeric) + sum(len(v) for v in self.categories.values())
 
-    def _numeric_values(self, frame: pd.DataFrame, split: str) -> np.ndarray:
-        values = frame[self.numeric].to_numpy(dtype=np.float64, na_value=np.nan) if self.numeric else np.zeros((len(frame), 0))
-        bad = ~np.isfinite(values)
-        if bad.any():
-            r, j = np.argwhere(bad)[0]
-            raise ConfigError(f"{self.file}: input column {self.numeric[j]!r} row {r + 1} ({split}): {values[r, j]}; inputs must be finite numbers (drop or impute the row)")
+    def _numeric_values(self, frame: pd.DataFrame, split: str) -> Tensor:
+        """The numeric inputs as one float32 tensor (a copy: it is standardised in place)."""
+        if not self.numeric:
+            return torch.zeros(len(frame), 0)
+        values = torch.from_numpy(frame[self.numeric].to_numpy(dtype=np.float32, na_value=np.nan, copy=True))
+        # one reduction instead of an element-wise mask: float32 values summed in float64 cannot
+        # overflow, so a column's sum is non-finite exactly when it holds a NaN or an infinity
+        if not bool(torch.isfinite(values.sum(0, dtype=torch.float64)).all()):
+            r, j = (int(i) for i in torch.nonzero(~torch.isfinite(values))[0])
+            raise ConfigError(f"{self.file}: input column {self.numeric[j]!r} row {r + 1} ({split}): {float(values[r, j])}; inputs must be finite numbers (drop or impute the row)")
         return values
 
     def transform(self, frame: pd.DataFrame, split: str) -> Tensor:
-        parts = [((self._numeric_values(frame, split) - self.mean) / self.std).astype(np.float32)]
+        parts = [self._numeric_values(frame, split).sub_(self.mean).div_(self.std)]
         for column, categories in self.categories.items():
             values = frame[column].astype(str)
-            codes = pd.Categorical(values.where(values.isin(categories)), categories=categories).codes
-            one_hot = np.zeros((len(frame), len(categories)), np.float32)
-            seen = codes >= 0
-            one_hot[np.flatnonzero(seen), codes[seen]] = 1.0
+            codes = torch.from_numpy(pd.Categorical(values.where(values.isin(categories)), categories=categories).codes.astype(np.int64))
+            one_hot = torch.nn.functional.one_hot(codes.clamp_min(0), len(categories)).float() * (codes >= 0).unsqueeze(1)
             parts.append(one_hot)
-        return torch.from_numpy(np.concatenate(parts, axis=1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def state(self) -> dict[str, Any]:
         return {
-            "numeric": {c: {"mean": float(m), "std": float(s)} for c, m, s in zip(self.numeric, self.mean, self.std)},
+            "numeric": {c: {"mean": m, "std": s} for c, m, s in zip(self.numeric, self.mean.tolist(), self.std.tolist())},
             "categorical": self.categories,
         }
 

@@ -17,10 +17,10 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from mtl_runner.data.roots import root_check
 from mtl_runner.models.backbones import Backbone
+from mtl_runner.models.torchvision_backbone import pretrained_state
 from mtl_runner.tasks import Task
 
 RESNETS = {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50}
-WEIGHTS = {"resnet18": models.ResNet18_Weights, "resnet34": models.ResNet34_Weights, "resnet50": models.ResNet50_Weights}
 
 
 def _image_input(name: str, input_shape: Sequence[int]) -> int:
@@ -29,30 +29,10 @@ def _image_input(name: str, input_shape: Sequence[int]) -> int:
     return int(input_shape[0])
 
 
-def _pretrained_state(arch: str, weights: str) -> dict[str, Tensor]:
-    """torchvision's ImageNet weights for ``arch``; without network access (and nothing in
-    the torch hub cache) a one-line error that says what to do."""
-    enum = WEIGHTS[arch]
-    allowed = [w.name for w in enum]
-    if weights not in allowed:
-        raise ValueError(f"backbone.weights={weights!r} is not available for {arch}; allowed: null, {', '.join(allowed)}")
-    entry = enum[weights]
-    try:
-        return entry.get_state_dict(progress=False)
-    except Exception as exc:  # URLError, timeouts, proxies: one line instead of a traceback
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        cache = f"{torch.hub.get_dir()}/checkpoints/{entry.url.rsplit('/', 1)[-1]}"
-        raise ValueError(
-            f"backbone.weights={weights}: could not fetch {arch} ImageNet weights from {entry.url} ({reason}); "
-            f"run once on a machine with network access (or copy the file to the torch hub cache, {cache}), "
-            "or use backbone.weights=null"
-        ) from None
-
-
 def check_weights(arch: str = "resnet50", weights: str | None = None, **_: object) -> None:
     """Preflight: pretrained weights are in the torch hub cache, or can be fetched now."""
     if weights is not None and arch in RESNETS:
-        _pretrained_state(arch, weights)
+        pretrained_state(arch, weights)
 
 
 @root_check(check_weights)
@@ -79,7 +59,7 @@ class ResNet(Backbone):
             raise ValueError(f"backbone.dilation must list 3 booleans (layer2..layer4), got {list(dilation)}")
         net = RESNETS[arch](weights=None, replace_stride_with_dilation=list(dilation))
         if weights is not None:
-            net.load_state_dict(_pretrained_state(arch, weights))
+            net.load_state_dict(pretrained_state(arch, weights))
         if in_channels != 3:
             rgb = net.conv1.weight.detach()
             net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)

@@ -35,7 +35,7 @@ def pretrained_state(arch: str, weights: str) -> dict[str, Tensor]:
     """torchvision's weights ``weights`` of ``arch``; without network access (and nothing in
     the torch hub cache) a one-line error that says what to do."""
     enum = models.get_model_weights(arch)
-    allowed = ["DEFAULT", *(w.name for w in enum)]
+    allowed = [*(w.name for w in enum), "DEFAULT"]
     if weights not in allowed:
         raise ValueError(f"backbone.weights={weights!r} is not available for {arch}; allowed: null, {', '.join(allowed)}")
     entry = enum[weights] if weights != "DEFAULT" else enum.DEFAULT  # type: ignore[attr-defined]
