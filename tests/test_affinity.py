@@ -136,6 +136,7 @@ def test_gradient_and_lookahead_affinity_order_aligned_tasks_above_orthogonal(tm
 
 
 # ----------------------------------------------------------- the command
+@pytest.mark.slow
 def test_mtl_affinity_end_to_end_writes_json_pngs_and_tensorboard(tmp_path: Path) -> None:
     out = tmp_path / "aff"
     result = run_affinity_cli(
@@ -158,6 +159,7 @@ def test_mtl_affinity_end_to_end_writes_json_pngs_and_tensorboard(tmp_path: Path
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_mtl_affinity_bad_option_is_a_one_line_error(tmp_path: Path) -> None:
     result = run_affinity_cli(["affinity.measures=[gradient,nope]"], cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr

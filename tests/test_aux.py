@@ -120,6 +120,7 @@ def test_rotation_trains_end_to_end_with_main_aux_weights(tmp_path: Path) -> Non
     assert "rotation (aux)" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_rotation_on_a_vector_dataset_is_a_one_line_error(tmp_path: Path) -> None:
     result = run_cli(["dataset=controlled", "backbone=mlp", "+aux=rotation", "baseline=off", "trainer.progress=off"], cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr

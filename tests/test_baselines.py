@@ -74,6 +74,7 @@ def _ensure_in_subprocess(root: str, queue: multiprocessing.Queue) -> None:
     queue.put((record.trained_now, record.metrics))
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_baseline_once(tmp_path: Path) -> None:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()

@@ -120,6 +120,7 @@ def test_run_on_fixture_writes_metrics(tmp_path: Path, name: str) -> None:
             assert math.isfinite(metric["mtl"])
 
 
+@pytest.mark.slow
 def test_mtl_run_multimnist_lenet_from_the_command_line(tmp_path: Path) -> None:
     root = tmp_path / "data"
     write_mnist(root)
@@ -288,6 +289,7 @@ def test_missing_or_incomplete_root_fails_in_preflight(
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_missing_root_from_the_command_line_writes_nothing(tmp_path: Path) -> None:
     result = run_cli(["dataset=nyuv2", f"dataset.root={tmp_path / 'nowhere'}", *QUICK], cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr

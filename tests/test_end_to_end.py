@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtl_runner.runner import run_experiment
@@ -17,6 +18,7 @@ def _scalar_tags(tb_dir: Path) -> set[str]:
     return set(acc.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_cli_run_writes_results_and_tensorboard(tmp_path: Path) -> None:
     result = run_cli([*TINY, "trainer.epochs=2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -55,6 +57,7 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     assert other["tasks"] != first["tasks"]
 
 
+@pytest.mark.slow
 def test_multirun_lands_in_named_job_dirs(tmp_path: Path) -> None:
     result = run_cli(["-m", *TINY, "optimizer.lr=0.001,0.0003"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -71,6 +71,7 @@ def test_init_report_lists_matches_renames_and_reshapes(tmp_path: Path) -> None:
         assert torch.equal(after[name], fresh[name]), f"{name} must keep its fresh initialisation"
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")

@@ -88,6 +88,7 @@ def _results(cwd: Path) -> dict:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_reduced_precision_run_completes(tmp_path: Path, tiny: list[str], precision: str) -> None:
     proc = run_cli([*tiny, f"trainer.precision={precision}", "trainer.channels_last=always", "diagnostics.every_n_steps=2"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -97,6 +98,7 @@ def test_reduced_precision_run_completes(tmp_path: Path, tiny: list[str], precis
     assert all(v["mtl"] == v["mtl"] for t in results["tasks"].values() for v in t["metrics"].values())
 
 
+@pytest.mark.slow
 def test_bad_precision_is_a_one_line_error(tmp_path: Path) -> None:
     proc = run_cli(["trainer.precision=fp8"], tmp_path)
     assert proc.returncode == 2

@@ -37,6 +37,7 @@ def _checkpoint_step(path: Path) -> int:
         return -1
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     done = run_cli([*RESUMABLE, f"hydra.run.dir={reference}"], cwd=tmp_path)
@@ -64,6 +65,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         assert _steps(killed / "tb", tag) == _steps(reference / "tb", tag), tag
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_experiment(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert run_cli([*TINY, f"hydra.run.dir={run}"], cwd=tmp_path).returncode == 0
@@ -74,6 +76,7 @@ def test_resume_refuses_a_different_experiment(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "no checkpoint at" in missing.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
     target = tmp_path / "last.pt"
     writer = textwrap.dedent(
@@ -129,6 +132,7 @@ def test_nan_loss_is_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.Mon
     assert (tmp_path / "stop" / "error.txt").exists()
 
 
+@pytest.mark.slow
 def test_sweep_with_a_failing_job_finishes_the_others(tmp_path: Path) -> None:
     result = run_cli(["-m", *TINY, "dataset.num_train=64,0"], cwd=tmp_path)
     assert result.returncode == 1
@@ -140,6 +144,7 @@ def test_sweep_with_a_failing_job_finishes_the_others(tmp_path: Path) -> None:
     assert bad["status"] == "failed" and "dataset.num_train" in bad["error"]
 
 
+@pytest.mark.slow
 def test_incompatible_choices_fail_before_training(tmp_path: Path) -> None:
     result = run_cli([*TINY, "balancer=static", "balancer.weights={foo: 1.0}"], cwd=tmp_path)
     assert result.returncode == 2

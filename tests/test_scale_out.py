@@ -61,6 +61,7 @@ def _free_port() -> int:
     ["balancer=uniform", "surgery=none"],
     ["balancer=uniform", "surgery=pcgrad"],
 ], ids=["uniform", "pcgrad"])
+@pytest.mark.slow
 def test_ddp_matches_single_process_on_the_combined_batch(tmp_path: Path, choices: list[str]) -> None:
     torch.set_num_threads(1)
     overrides = [*DDP_CONFIG, *choices]
@@ -84,6 +85,7 @@ def test_ddp_matches_single_process_on_the_combined_batch(tmp_path: Path, choice
     assert any(not torch.allclose(untouched[k], v) for k, v in expected_params.items())
 
 
+@pytest.mark.slow
 def test_ddp_outside_torchrun_is_a_one_line_error(tmp_path: Path) -> None:
     result = run_cli([*TINY, "trainer.strategy=ddp"], cwd=tmp_path)
     assert result.returncode == 2
@@ -91,6 +93,7 @@ def test_ddp_outside_torchrun_is_a_one_line_error(tmp_path: Path) -> None:
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_joblib_sweep_runs_jobs_concurrently(tmp_path: Path) -> None:
     result = run_cli(
         ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *TINY, "trainer.epochs=3", "baseline=off",
@@ -111,6 +114,7 @@ def test_joblib_sweep_runs_jobs_concurrently(tmp_path: Path) -> None:
     assert overlapping, f"no two jobs ran at the same time: {spans}"
 
 
+@pytest.mark.slow
 def test_optuna_search_records_the_best_trial(tmp_path: Path) -> None:
     result = run_cli(
         ["-m", "hparams_search=cagrad_optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.direction=minimize",

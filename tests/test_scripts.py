@@ -61,6 +61,7 @@ def test_balancer_scales_reads_every_task_of_every_balancer(tmp_path: Path) -> N
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.slow
 def test_bench_steps_times_every_column_and_reports_each_target() -> None:
     """The benchmark runs end to end on its smallest workload (one timed step per column):
     a table row per column and a verdict per target, so the README's tables stay

@@ -10,7 +10,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TINY, run_cli
+
+pytestmark = pytest.mark.slow  # a real server over a real sweep
 
 STARTUP_TIMEOUT_S = 90
 
