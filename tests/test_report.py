@@ -41,6 +41,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return sweep_dir
 
 
+@pytest.mark.slow
 def test_report_prints_sorted_table_and_marks_the_failures(sweep: Path) -> None:
     # The installed entry point, as a user runs it.
     result = subprocess.run([str(Path(sys.executable).parent / "mtl-report"), str(sweep)],
@@ -65,6 +66,7 @@ def test_report_prints_sorted_table_and_marks_the_failures(sweep: Path) -> None:
         assert row.task_deltas["t1"] == stored["tasks"]["t1"]["delta_pct_mean"]
 
 
+@pytest.mark.slow
 def test_report_writes_csv_markdown_and_a_valid_png(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_csv, out_md, out_png = tmp_path / "r.csv", tmp_path / "r.md", tmp_path / "dm.png"
     code, _, err = report([str(sweep), "--csv", str(out_csv), "--markdown", str(out_md), "--plot", str(out_png),
