@@ -298,6 +298,29 @@ def test_gradnorm_raises_the_slow_task_and_keeps_sum_t() -> None:
     assert ratio[1] < uniform_ratio[1]  # the slow task made more relative progress
 
 
+def test_gradnorm_first_epoch_keeps_weights_until_the_epoch_mean_is_known() -> None:
+    gn = GradNorm(initial_loss="first_epoch")
+    gn.setup([Task("a", "regression", 1), Task("b", "regression", 1)], None)
+    jac = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    for losses in (torch.tensor([129.0, 2.0]), torch.tensor([20.0, 1.9])):  # epoch 1: a falls steeply
+        w = gn.weights(losses)
+        gn.scale_rows(jac, losses, w)
+        assert gn.task_weights.tolist() == [1.0, 1.0] and int(gn.adam_step) == 0
+    gn.epoch_end(torch.tensor([40.0, 1.95]))
+    torch.testing.assert_close(gn.initial_losses, torch.tensor([40.0, 1.95]))
+    restored = GradNorm(initial_loss="first_epoch")
+    restored.setup([Task("a", "regression", 1), Task("b", "regression", 1)], None)
+    restored.load_state_dict(gn.state_dict())
+    restored.epoch_end(torch.tensor([1.0, 1.0]))  # L(0) is kept once set
+    torch.testing.assert_close(restored.initial_losses, torch.tensor([40.0, 1.95]))
+    # b has made less progress relative to its first epoch (1.9/1.95 vs 10/40): it gains weight.
+    losses = torch.tensor([10.0, 1.9])
+    restored.scale_rows(jac, losses, restored.weights(losses))
+    assert restored.task_weights[1] > 1.0 > restored.task_weights[0] and int(restored.adam_step) == 1
+    with pytest.raises(ValueError, match="initial_loss"):
+        GradNorm(initial_loss="first_batch")
+
+
 # --------------------------------------------------------------------------- dwa
 
 
