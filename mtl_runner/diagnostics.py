@@ -86,6 +86,20 @@ def recommend(pairs: dict[str, PairStats], loss_scale_ratio: float, num_tasks: i
     return "mild conflict", "start with balancer=uniform surgery=none; compare surgery=pcgrad in a sweep"
 
 
+def rule_candidates(finding: str) -> list[tuple[str, ...]]:
+    """The options :func:`recommend`'s advice names for ``finding``, as override lists:
+    what ``mtl-advise`` screens against measured alternatives before advising."""
+    if finding.startswith("scale problem"):
+        return [("balancer=uncertainty",), ("balancer=gradnorm",)]
+    return {
+        "conflict and scale mismatch": [("balancer=gradnorm", "surgery=pcgrad")],
+        "structural conflict": [("surgery=cagrad",), ("surgery=pcgrad",)],
+        "aligned": [("balancer=uniform", "surgery=none")],
+        "nearly orthogonal, not adversarial": [("balancer=uniform",), ("sharing=none",)],
+        "mild conflict": [("balancer=uniform", "surgery=none"), ("surgery=pcgrad",)],
+    }.get(finding, [])
+
+
 def pair_stats(cosines: Tensor) -> PairStats:
     """Statistics of one pair's cosines over logged steps (a 1-D tensor)."""
     values = cosines.double()
@@ -206,7 +220,8 @@ class ConflictDiagnostics(Callback):
         for p, s in stats.items():
             table.add_row(p, f"{s.mean:+.3f}", f"{s.std:.3f}", f"{s.frac_negative:.0%}", str(s.steps))
         self.console.print(table)
-        self.console.print(f"loss-scale ratio {ratio:.1f}x; finding: [bold]{finding}[/bold]; try: {advice}")
+        self.console.print(f"loss-scale ratio {ratio:.1f}x; finding: [bold]{finding}[/bold]; try: {advice} "
+                           "(a reading of the gradients, not a measured result: mtl-advise screens it against uniform)")
 
     @staticmethod
     def _markdown(window: str, stats: dict[str, PairStats], ratio: float, finding: str, advice: str) -> str:

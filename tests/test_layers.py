@@ -23,7 +23,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / PACKAGE
 #: module may import from its own floor (as long as no cycle forms) and from lower ones.
 FLOORS: list[frozenset[str]] = [
     frozenset({"", "__main__", "cli"}),  # "": the package's own __init__
-    frozenset({"runner", "report", "seeds", "affinity", "baselines"}),
+    frozenset({"advise", "runner", "report", "seeds", "affinity", "baselines"}),
     frozenset({"preflight", "assemble", "build", "sweep", "results"}),
     frozenset({"train", "diagnostics"}),
     frozenset({"optim", "models", "data", "linear"}),
