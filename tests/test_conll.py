@@ -84,7 +84,7 @@ def test_long_sentences_are_truncated_and_counted(tmp_path: Path, caplog: pytest
     root = write_corpus(tmp_path / "conll")
     taskset = build_taskset(compose_config(text_config(root, "dataset.max_length=4")))
     assert taskset.train.tokens.shape[1] == 4
-    assert "1 of 2 train sentences were longer than dataset.max_length=4 tokens and were truncated" in caplog.text
+    assert "1 of 2 train sentences were longer than 4 positions (dataset.max_length=4) and were truncated" in caplog.text
 
 
 def test_missing_files_name_the_root(tmp_path: Path) -> None:

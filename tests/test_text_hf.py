@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mtl_runner.build import build_model, build_taskset
+from mtl_runner.errors import ConfigError
 from mtl_runner.preflight import preflight
 from mtl_runner.runner import run_experiment
 from mtl_runner.tasks import IGNORE_INDEX
@@ -28,7 +29,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pieces = ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"] + list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *pieces]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=False)
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=False, model_max_length=16)
     tokenizer.save_pretrained(directory)
     config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=64)
@@ -63,6 +64,14 @@ def test_run_on_the_pretrained_trunk(tiny_model: Path, tmp_path: Path) -> None:
     run_experiment(cfg, tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "completed" and "f1" in results["tasks"]["ner"]["metrics"]
+
+
+def test_the_models_position_limit_bounds_the_sentences(tiny_model: Path) -> None:
+    """dataset.max_length=64, but the model takes 16 positions: truncated, or refused."""
+    taskset = build_taskset(compose_config(hf_config(tiny_model)))
+    assert int(taskset.train.lengths.max()) == 16
+    with pytest.raises(ConfigError, match="tokens, over the model's limit of 16 positions"):
+        build_taskset(compose_config(hf_config(tiny_model, "dataset.truncation=error")))
 
 
 def test_model_missing_from_the_cache_offline_is_one_line(

@@ -55,6 +55,8 @@ class Example:
 class Tokenizer(Protocol):
     pad_id: int
     vocab_size: int
+    #: The most positions the model takes (a pretrained model's position table); None: no limit.
+    model_max_length: int | None
 
     def encode(self, words: Sequence[str]) -> tuple[list[int], list[int | None]]:
         """Ids, and for each position the index of the word it belongs to (None: special)."""
@@ -67,6 +69,7 @@ class WordVocabulary:
     (ties in alphabetical order, so the ids do not depend on the reading order)."""
 
     pad_id, cls_id, unk_id = 0, 1, 2
+    model_max_length = None  # the sinusoidal position code has no limit
 
     def __init__(self, training: Sequence[Example], min_count: int = 1, lowercase: bool = False) -> None:
         if min_count < 1:
@@ -95,6 +98,8 @@ class PretrainedTokenizer:
             raise ConfigError(f"backbone.name={name}: its tokenizer has no fast version, which aligning tags to sub-words needs")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.vocab_size = len(self.tokenizer)
+        # tokenizers without a known limit report a huge sentinel
+        self.model_max_length = int(min(self.tokenizer.model_max_length, 1 << 30))
 
     def encode(self, words: Sequence[str]) -> tuple[list[int], list[int | None]]:
         encoded = self.tokenizer(list(words), is_split_into_words=True, add_special_tokens=True)
@@ -188,21 +193,23 @@ def encode_split(
         raise ValueError(f"dataset.truncation must be one of {', '.join(TRUNCATION)}, got {truncation!r}")
     if max_length < 2:
         raise ValueError(f"dataset.max_length must be >= 2, got {max_length}")
+    limit = max_length if tokenizer.model_max_length is None else min(max_length, tokenizer.model_max_length)
+    over = f"dataset.max_length={max_length}" if limit == max_length else f"the model's limit of {limit} positions"
     index = {t.name: {name: i for i, name in enumerate(t.class_names)} for t in tasks}
     rows: list[list[int]] = []
     targets: dict[str, list] = {t.name: [] for t in tasks}
     truncated = 0
     for number, example in enumerate(examples, start=1):
         ids, word_of = tokenizer.encode(example.words)
-        if len(ids) > max_length:
+        if len(ids) > limit:
             if truncation == "error":
                 raise ValueError(
-                    f"{where}: sentence {number} has {len(ids)} tokens, over dataset.max_length={max_length}; "
-                    "raise it or set dataset.truncation=truncate"
+                    f"{where}: sentence {number} has {len(ids)} tokens, over {over}; "
+                    "shorten it, raise dataset.max_length or set dataset.truncation=truncate"
                 )
             truncated += 1
             # keep a closing special token (a model's [SEP]) at the end
-            ids, word_of = (ids[: max_length - 1] + ids[-1:], word_of[: max_length - 1] + word_of[-1:]) if word_of[-1] is None else (ids[:max_length], word_of[:max_length])
+            ids, word_of = (ids[: limit - 1] + ids[-1:], word_of[: limit - 1] + word_of[-1:]) if word_of[-1] is None else (ids[:limit], word_of[:limit])
         rows.append(ids)
         for task in tasks:
             if task.is_token_level:
@@ -250,8 +257,9 @@ def text_taskset(
         inputs, truncated = encode_split(examples, tokenizer, own, max_length, truncation, f"dataset={name} {split}")
         encoded[split] = SequenceSplit(inputs.tokens, inputs.lengths, {**inputs.targets, **given[split]}, tokenizer.pad_id)
         if truncated:
-            log.warning("dataset=%s: %d of %d %s sentences were longer than dataset.max_length=%d tokens and were truncated",
-                        name, truncated, len(examples), split, max_length)
+            limit = min(max_length, tokenizer.model_max_length or max_length)
+            log.warning("dataset=%s: %d of %d %s sentences were longer than %d positions (dataset.max_length=%d) and were truncated",
+                        name, truncated, len(examples), split, limit, max_length)
     return TaskSet(
         name, tuple(tasks), encoded["train"], encoded["val"], encoded["test"],
         input_shape=(max_length,), vocab_size=tokenizer.vocab_size,
