@@ -52,9 +52,10 @@ def pretrained_state(arch: str, weights: str) -> dict[str, Tensor]:
 
 
 def _check_arch(arch: str) -> None:
-    available = models.list_models(module=models)
-    if arch not in available:
-        raise ValueError(f"backbone.arch={arch!r} is not a torchvision classification model; e.g. {', '.join(SUGGESTED)}")
+    try:
+        models.get_model_builder(arch)  # a dictionary lookup in torchvision's model registry
+    except ValueError:
+        raise ValueError(f"backbone.arch={arch!r} is not a torchvision classification model; e.g. {', '.join(SUGGESTED)}") from None
 
 
 def check_weights(arch: str = "resnet18", weights: str | None = None, **_: object) -> None:
