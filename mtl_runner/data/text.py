@@ -64,27 +64,20 @@ class Tokenizer(Protocol):
 
 
 class WordVocabulary:
-    """Ids 0-2 are padding, ``[CLS]`` (position 0 of every sentence) and unknown words;
-    then the training split's words seen at least ``min_count`` times, most frequent first
+    """Ids 0-2 are padding, ``[CLS]`` (position 0 of every sentence) and unknown words (of
+    the validation and test splits); then the training split's words, most frequent first
     (ties in alphabetical order, so the ids do not depend on the reading order)."""
 
     pad_id, cls_id, unk_id = 0, 1, 2
     model_max_length = None  # the sinusoidal position code has no limit
 
-    def __init__(self, training: Sequence[Example], min_count: int = 1, lowercase: bool = False) -> None:
-        if min_count < 1:
-            raise ValueError(f"dataset.min_count must be >= 1, got {min_count}")
-        self.lowercase = lowercase
-        counts = Counter(self._norm(w) for example in training for w in example.words)
-        kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
-        self.ids = {w: i + 3 for i, w in enumerate(kept)}
+    def __init__(self, training: Sequence[Example]) -> None:
+        counts = Counter(w for example in training for w in example.words)
+        self.ids = {w: i + 3 for i, w in enumerate(sorted(counts, key=lambda w: (-counts[w], w)))}
         self.vocab_size = len(self.ids) + 3
 
-    def _norm(self, word: str) -> str:
-        return word.lower() if self.lowercase else word
-
     def encode(self, words: Sequence[str]) -> tuple[list[int], list[int | None]]:
-        ids = [self.cls_id] + [self.ids.get(self._norm(w), self.unk_id) for w in words]
+        ids = [self.cls_id] + [self.ids.get(w, self.unk_id) for w in words]
         return ids, [None, *range(len(words))]
 
 
