@@ -292,3 +292,25 @@ def test_the_docs_example_dataset_module_runs(tmp_path: Path, monkeypatch: pytes
                           "backbone=mlp", "baseline=off", *QUICK])
     results = run_experiment(cfg, tmp_path / "run")
     assert results["status"] == "completed" and set(results["tasks"]) == {"bigger", "sum"}
+
+
+def test_image_table_reads_dense_targets_from_per_image_files(tmp_path: Path) -> None:
+    """A segmentation mask (PNG, 255 = unlabelled) and a depth map (.npy) per image, resized
+    with nearest neighbours to the image size."""
+    rows = []
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:, 4:] = 2
+        mask[0, 0] = 255
+        Image.fromarray(mask).save(tmp_path / f"{i}_mask.png")
+        np.save(tmp_path / f"{i}_depth.npy", np.full((8, 8), 1.0 + i, np.float32))
+        rows.append({"path": f"{i}.png", "mask": f"{i}_mask.png", "depth": f"{i}_depth.npy", "label": i % 2})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    taskset = image_table(str(tmp_path), "labels.csv", {"seg": {"kind": "segmentation", "column": "mask", "num_classes": 3},
+                                                        "depth": {"kind": "depth"}, "label": {"kind": "binary"}},
+                          image_size=4, split=(1.0, 0.0, 0.0))
+    x, y = next(taskset.train.batches(4, shuffle=False, generator=None, device=CPU))
+    assert x.shape == (4, 3, 4, 4) and y["seg"].shape == (4, 4, 4) and y["depth"].shape == (4, 1, 4, 4)
+    assert y["seg"][0, 0].tolist() == [IGNORE_INDEX, 0, 2, 2] and y["depth"][:, 0, 0, 0].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert [t.kind for t in taskset.tasks] == ["segmentation", "depth", "binary"]
