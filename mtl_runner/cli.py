@@ -10,6 +10,9 @@ multirun and launchers.
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -21,8 +24,10 @@ from omegaconf import DictConfig
 
 from mtl_runner import io
 from mtl_runner.config import CONF_DIR, validate
-from mtl_runner.errors import ConfigError
-from mtl_runner.preflight import fail, preflight
+from mtl_runner.errors import ConfigError, DatasetRootError
+from mtl_runner.checkpoints import last_checkpoint
+from mtl_runner.preflight import fail, override, preflight
+from mtl_runner.train.interrupt import EXIT_CODES, RunInterrupted
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -39,8 +44,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         validate(cfg)
         choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if v is not None}
         apply_job_resources(cfg, hydra_cfg.launcher, hydra_cfg.job.num if sweeping else 0)
+        if _requeued() and not cfg.resume and last_checkpoint(run_dir).is_file():
+            cfg.resume = str(run_dir)  # a pre-empted job that SLURM started again continues
         out = run_experiment(cfg, run_dir, run_name=_run_name(hydra_cfg), choices=choices)
-    except ConfigError as exc:
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        print(f"mtl-run: {_stopped(exc, run_dir, list(hydra_cfg.overrides.task))}", file=sys.stderr)
+        raise SystemExit(exc.exit_code if isinstance(exc, RunInterrupted) else EXIT_CODES[signal.SIGINT]) from None
+    except (ConfigError, DatasetRootError) as exc:  # found once the data is read: still one line
         if not sweeping:
             fail(str(exc))
         io.write_json(run_dir / "results.json", {"run_name": _run_name(hydra_cfg), "status": "failed", "error": str(exc)})
@@ -49,7 +59,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except Exception as exc:
         # run_experiment recorded status and traceback in the run dir. A failing sweep
         # job must not stop its siblings: SweepStatus reports failures at the end.
-        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (traceback in {run_dir / 'error.txt'})"
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if (run_dir / "error.txt").is_file():
+            message += f" (traceback in {run_dir / 'error.txt'})"
+        message += "".join(f" {note}" for note in getattr(exc, "__notes__", ()))
         if not sweeping:
             print(f"mtl-run: error: run failed: {message}", file=sys.stderr)
             raise SystemExit(1) from None
@@ -86,6 +99,30 @@ class SweepStatus(Callback):
             print(f"mtl-run: {len(failed)} job(s) of the sweep did not complete: {'; '.join(failed)}", file=sys.stderr)
 
 
+def _requeued() -> bool:
+    """Whether SLURM started this job again after a pre-emption or a requeue (the
+    submitit launcher requeues a job that reaches its time limit): it then continues from
+    the checkpoint in its own directory."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def _stopped(exc: BaseException, run_dir: Path, task_overrides: list[str]) -> str:
+    """The one line of a stopped run: where, whether its checkpoint is saved, and the
+    command that resumes it (the run's own overrides, quoted for a POSIX shell)."""
+    checkpoint = last_checkpoint(run_dir)
+    if isinstance(exc, RunInterrupted):
+        where = f"stopped by {exc}"
+        saved = f"checkpoint saved to {checkpoint}" if exc.checkpointed else "this run keeps no checkpoint"
+    else:
+        where = "stopped at once by a second interrupt"
+        saved = f"the checkpoint {checkpoint} is intact" if checkpoint.is_file() else "no checkpoint had been written yet"
+    if not checkpoint.is_file():
+        return f"{where}; {saved}"
+    kept = [o for o in task_overrides if not o.startswith("resume=")]
+    command = shlex.join(["mtl-run", *kept, override("resume", str(run_dir))])
+    return f"{where}; {saved}; resume with: {command}"
+
+
 def _run_name(hydra_cfg: DictConfig) -> str:
     overrides = hydra_cfg.job.override_dirname
     return overrides or Path(hydra_cfg.runtime.output_dir).name
@@ -93,8 +130,12 @@ def _run_name(hydra_cfg: DictConfig) -> str:
 
 def run() -> None:
     """``mtl-run``: validate, then let Hydra compose, launch and record the run(s)."""
-    sys.argv += preflight(sys.argv[1:])
-    _hydra_main()
+    try:
+        sys.argv += preflight(sys.argv[1:])
+        _hydra_main()
+    except KeyboardInterrupt:  # outside a run (composing, checking files): nothing to save
+        print("mtl-run: interrupted before training started; nothing was saved", file=sys.stderr)
+        raise SystemExit(EXIT_CODES[signal.SIGINT]) from None
     if SweepStatus.failed:
         raise SystemExit(1)
 

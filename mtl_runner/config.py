@@ -14,11 +14,16 @@ see :mod:`mtl_runner.preflight`):
 
 Every failure is a :class:`ConfigError` with a one-line message naming the key and what
 is allowed.
+
+Why this module is long: it is the whole schema (one dataclass per section, every value
+rule, the key and type checks), kept in one file so that what a config may hold is read
+in one place.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import types
 import typing
@@ -195,7 +200,7 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("objective", lambda v: v is None or any(p.fullmatch(v) for p in OBJECTIVE_PATTERNS),
      "null, val.delta_m_pct, val.<metrics|delta_pct>.<task>.<metric>, val.losses.<task> (or, with objective_on_test=true, "
      "delta_m_pct, tasks.<task>.metrics.<metric>.<mtl|delta_pct>, test_losses.<task>)"),
-    ("optimizer.lr", lambda v: v > 0, "a float > 0"),
+    ("optimizer.lr", lambda v: math.isfinite(v) and v > 0, "a finite float > 0"),
     ("diagnostics.every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 turns diagnostics off)"),
     ("diagnostics.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
     ("baseline.root", lambda v: bool(v.strip()), "a directory path for the baseline cache"),
@@ -221,6 +226,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first problem found in a composed config's keys
     and values; whether the chosen options fit together is for
     :func:`mtl_runner.build.check_compatible`, which builds some of them."""
+    _check_schema_keys(cfg)
     for group in TARGET_GROUPS:
         node = cfg.get(group)
         if node is None:
@@ -243,6 +249,26 @@ def validate(cfg: DictConfig) -> None:
                           "(val.delta_m_pct), or set objective_on_test=true to tune on test knowingly")
 
 
+#: Sections whose keys the typed schema fixes (the ``_target_`` groups are checked
+#: against their target's signature instead).
+TYPED_SECTIONS = {"trainer": TrainerConfig, "diagnostics": DiagnosticsConfig, "finetune": FinetuneConfig,
+                  "baseline": BaselineConfig, "affinity": AffinityConfig}
+
+
+def _check_schema_keys(cfg: DictConfig) -> None:
+    """Keys added with ``+`` pass Hydra's struct check, so the schema is checked again
+    here: every top-level key and every key of a typed section must be a field."""
+    sections: list[tuple[str, Any, type]] = [("", cfg, RunConfig)]
+    sections += [(f"{name}.", cfg.get(name), schema) for name, schema in TYPED_SECTIONS.items()]
+    for prefix, node, schema in sections:
+        if not isinstance(node, DictConfig):
+            continue
+        allowed = [f.name for f in fields(schema)]
+        for key in node.keys():
+            if key not in allowed and not (not prefix and key == "hydra"):
+                raise ConfigError(f"unknown key {prefix}{key}; allowed: {', '.join(allowed)}")
+
+
 def validate_target_node(node: Any, path: str) -> None:
     """Check a ``_target_`` node's keys and value types against its target's signature."""
     if not isinstance(node, DictConfig) or "_target_" not in node:
@@ -260,7 +286,7 @@ def validate_target_node(node: Any, path: str) -> None:
     params = signature.parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     runtime = RUNTIME_ARGS.get(path.split(".")[0], frozenset())
-    allowed = sorted(n for n, p in params.items() if n not in runtime and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    allowed = target_keys(target, path)
     for key in node.keys():
         if str(key).startswith("_") and str(key).endswith("_"):
             continue
@@ -276,6 +302,14 @@ def validate_target_node(node: Any, path: str) -> None:
         annotation = hints.get(key)
         if annotation is not None and not _fits(value, annotation):
             raise ConfigError(f"{path}.{key}={value!r} is not {_describe(annotation)}")
+
+
+def target_keys(target: Callable[..., Any], path: str) -> list[str]:
+    """The keys a ``_target_`` node of group ``path`` may set: the target's named
+    parameters, less those the runner passes itself."""
+    runtime = RUNTIME_ARGS.get(path.split(".")[0], frozenset())
+    params = inspect.signature(target).parameters.values()
+    return sorted(p.name for p in params if p.name not in runtime and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
 
 
 def _short(target_name: str) -> str:
@@ -305,7 +339,10 @@ def _fits(value: Any, annotation: Any) -> bool:
     if container in (list, tuple, typing.Sequence, abc.Sequence):
         if not isinstance(value, (list, tuple)):
             return False
-        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        args = typing.get_args(annotation)
+        if container is tuple and args and Ellipsis not in args:  # tuple[A, B]: exactly two
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        args = tuple(a for a in args if a is not Ellipsis)
         return not args or all(any(_fits(v, a) for a in args) for v in value)
     if container in (dict, typing.Mapping, abc.Mapping):
         if not isinstance(value, dict):
@@ -324,6 +361,8 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
     if origin is typing.Literal:
         return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+    if origin is tuple and typing.get_args(annotation) and Ellipsis not in typing.get_args(annotation):
+        return f"a list of {len(typing.get_args(annotation))}: " + ", ".join(_describe(a) for a in typing.get_args(annotation))
     if origin in (list, tuple) or annotation in (list, tuple):
         return "a list"
     if origin is dict:

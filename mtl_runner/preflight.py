@@ -10,23 +10,29 @@ Both commands import it from here, below them, rather than one command from the 
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_object, instantiate
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from mtl_runner.build import build_balancer, build_surgery, check_compatible
 from mtl_runner.checkpoints import last_checkpoint
-from mtl_runner.config import CONF_DIR, PRESENTATION_KEYS, validate
+from mtl_runner.config import CONF_DIR, PRESENTATION_KEYS, target_keys, validate
 from mtl_runner.data.roots import check_dataset
 from mtl_runner.errors import ConfigError, DatasetRootError
 
-__all__ = ["INFO_FLAGS", "fail", "preflight"]
+__all__ = ["INFO_FLAGS", "fail", "override", "preflight"]
 
 #: Hydra flags after which mtl-run only prints something: nothing to validate.
 INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--shell-completion", "-sc", "--resolve"}
@@ -38,6 +44,17 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def override(key: str, value: str) -> str:
+    """``key=value`` as Hydra's override grammar reads back exactly ``value``: quoted, so
+    that spaces, commas, brackets, ``=`` and non-ASCII characters in a path survive (a
+    backslash is doubled only where the grammar would read it as an escape). Plain
+    values stay unquoted, as a user would type them."""
+    if re.fullmatch(r"[A-Za-z0-9_./-]+", value):
+        return f"{key}={value}"
+    escaped = re.sub(r'(\\*)("|$)', lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""), value)
+    return f'{key}="{escaped}"'
+
+
 def _prog() -> str:
     """The command as typed (mtl-run, mtl-affinity), for error lines."""
     name = Path(sys.argv[0]).name
@@ -45,6 +62,10 @@ def _prog() -> str:
 
 
 def _options(group: str) -> list[str]:
+    """A group's options as Hydra sees them (those of installed plugins included, e.g.
+    ``hydra/launcher=submitit_slurm``), or the YAML files of ``conf/`` outside a compose."""
+    if GlobalHydra.instance().is_initialized():
+        return GlobalHydra.instance().config_loader().get_group_options(group)
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
@@ -66,11 +87,11 @@ def _explain(exc: Exception, overrides: list[str], config_name: str = "config") 
     if isinstance(exc, MissingConfigException):
         missing = getattr(exc, "missing_cfg_file", None) or ""
         group, _, option = str(missing).rpartition("/")
-        if group and (CONF_DIR / group).is_dir():
+        if group and _options(group):
             return f"{group}={option}: no such option; allowed: {', '.join(_options(group))}"
         return str(exc).splitlines()[0]
     if isinstance(exc, OverrideParseException):
-        return f"cannot parse override: {str(exc).splitlines()[0]}"
+        return _parse_error(exc)
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__ or cause.__context__
@@ -81,7 +102,11 @@ def _explain(exc: Exception, overrides: list[str], config_name: str = "config") 
         try:
             base = compose(config_name, overrides=rest)
             node = OmegaConf.select(base, parent) if parent else base
-            allowed = ", ".join(str(k) for k in node.keys() if not str(k).startswith("_")) if isinstance(node, DictConfig) else ""
+            if isinstance(node, DictConfig) and "_target_" in node:  # a method's own parameters
+                keys = target_keys(get_object(str(node["_target_"])), parent)
+            else:
+                keys = [str(k) for k in node.keys() if not str(k).startswith("_")] if isinstance(node, DictConfig) else []
+            allowed = ", ".join(keys) or "(none)"
         except Exception:
             allowed = ""
         return f"unknown key {key}" + (f"; allowed: {allowed}" if allowed else "")
@@ -90,11 +115,29 @@ def _explain(exc: Exception, overrides: list[str], config_name: str = "config") 
     return str(exc).splitlines()[0]
 
 
+def _parse_error(exc: Exception) -> str:
+    detail = str(exc).splitlines()[0]
+    return (f"cannot parse override: {detail}; a value with spaces or characters such as , = [ ] {{ }} ' \" "
+            f"must be quoted for Hydra inside the shell's quotes, e.g. 'key=\"my value\"'")
+
+
+def _check_optimizer(node: DictConfig) -> None:
+    """The optimizer checks its own arguments' ranges (betas, eps, momentum ...) when
+    constructed: built here on one dummy parameter, its complaint becomes one line."""
+    try:
+        instantiate(node, params=[torch.zeros(1, requires_grad=True)])
+    except Exception as exc:  # torch raises ValueError, TypeError or IndexError
+        detail = str(exc.__cause__ or exc).splitlines()[0]
+        raise ConfigError(f"optimizer={str(node['_target_']).rsplit('.', 1)[-1]}: {detail}") from None
+
+
 def _sweep_naming(overrides: list[str]) -> list[str]:
     """Name sweep jobs by what varies: overrides shared by every job of the sweep are
     left out of the job directory name (and so of the TensorBoard run name)."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    if not swept:  # a one-value "sweep": its job is named by what it sets, not "0_"
+        return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(PRESENTATION_KEYS)}]"]
     constant = [
         o.key_or_group for o in parsed
         if not o.is_sweep_override() and o.key_or_group not in swept and not o.key_or_group.startswith("hydra")
@@ -116,12 +159,14 @@ def preflight(argv: list[str], config_name: str = "config") -> list[str]:
     try:
         jobs = _job_overrides(list(args.overrides), bool(args.multirun))
     except OverrideParseException as exc:
-        fail(f"cannot parse override: {str(exc).splitlines()[0]}")
+        fail(_parse_error(exc))
     extra: list[str] = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for job in jobs:
             try:
-                cfg = compose(config_name, overrides=job)
+                cfg = compose(config_name, overrides=job, return_hydra_config=True)
+                with open_dict(cfg):
+                    hydra_node = cfg.pop("hydra")
             except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as exc:
                 fail(_explain(exc, job, config_name))
             try:
@@ -129,16 +174,37 @@ def preflight(argv: list[str], config_name: str = "config") -> list[str]:
                 # methods check their own arguments (e.g. surgery.c) when constructed: cheap, and before any output
                 build_balancer(cfg)
                 build_surgery(cfg)
+                _check_optimizer(cfg.optimizer)
                 check_compatible(cfg)
                 check_dataset(cfg.dataset)
                 check_dataset(cfg.backbone)  # pretrained weights: fetched now, or one line
             except (ConfigError, DatasetRootError, ValueError) as exc:
                 fail(str(exc).splitlines()[0])
+            except Exception as exc:  # a method or a user's own class failed on its arguments: still one line
+                fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'while checking the configuration'}")
+            if job is jobs[0] and not cfg.resume:
+                _check_writable(hydra_node, bool(args.multirun))
             if cfg.resume:
                 extra = _resume_run_dir(str(cfg.resume), list(args.overrides), bool(args.multirun))
             if cfg.trainer.strategy == "ddp":
                 extra += _ddp_overrides(cfg, [*job, *extra], bool(args.multirun))
     return extra + (_sweep_naming(list(args.overrides)) if args.multirun else [])
+
+
+def _check_writable(hydra_node: DictConfig, multirun: bool) -> None:
+    """The output directory Hydra is about to create can be created: probed in its
+    nearest existing ancestor (a directory made and removed at once), so a read-only
+    place fails with one line, not with Hydra's traceback after it has started."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    target = Path(str(OmegaConf.select(hydra_node, key.removeprefix("hydra.")))).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        fail(f"{key}={target}: {existing} is a file, not a directory; choose another with {key}=DIR")
+    try:  # a real probe: permissions, read-only mounts and pseudo file systems alike
+        os.rmdir(tempfile.mkdtemp(prefix=".mtl-run-probe-", dir=existing))
+    except OSError as exc:
+        fail(f"{key}={target}: cannot create directories in {existing} ({(exc.strerror or str(exc)).lower()}); "
+             f"choose another with {key}=DIR")
 
 
 def _ddp_overrides(cfg: DictConfig, overrides: list[str], multirun: bool) -> list[str]:
@@ -156,7 +222,7 @@ def _ddp_overrides(cfg: DictConfig, overrides: list[str], multirun: bool) -> lis
     if any(o.startswith("hydra.run.dir=") for o in overrides):
         return extra
     run_dir = OmegaConf.select(compose("config", overrides=overrides, return_hydra_config=True), "hydra.run.dir")
-    return [*extra, f"hydra.run.dir={distributed.broadcast_run_dir(group, str(run_dir))}"]
+    return [*extra, override("hydra.run.dir", distributed.broadcast_run_dir(group, str(run_dir)))]
 
 
 def _resume_run_dir(resume: str, overrides: list[str], multirun: bool) -> list[str]:
@@ -169,5 +235,5 @@ def _resume_run_dir(resume: str, overrides: list[str], multirun: bool) -> list[s
         fail(f"resume={resume}: no checkpoint at {last_checkpoint(path)}; give a run directory of mtl-run")
     if any(o.startswith("hydra.run.dir=") for o in overrides):
         return []
-    return [f"hydra.run.dir={path.resolve()}"]
+    return [override("hydra.run.dir", str(path.resolve()))]
 

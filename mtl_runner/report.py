@@ -87,8 +87,12 @@ def _overrides(job: Path) -> dict[str, str]:
     file = job / ".hydra" / "overrides.yaml"
     if not file.is_file():
         return {}
+    try:
+        items = OmegaConf.to_container(OmegaConf.load(file)) or []
+    except Exception:  # a damaged overrides.yaml: the job is listed without its overrides
+        return {}
     out = {}
-    for item in OmegaConf.to_container(OmegaConf.load(file)) or []:
+    for item in items if isinstance(items, list) else []:
         key, _, value = str(item).partition("=")
         key = key.lstrip("+~")
         if key not in PRESENTATION_KEYS and not key.startswith("hydra"):
@@ -123,15 +127,20 @@ def load_job(job: Path, name: str) -> JobRow:
         return row
     try:
         results = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
+        # any content may be there (a hand edit, another tool's file): read, never trust
+        status, error, delta_m = results.get("status", "unknown"), results.get("error"), results.get("delta_m_pct")
+        task_deltas = {str(task): _number(entry.get("delta_pct_mean")) for task, entry in results.get("tasks", {}).items()}
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
         row.status, row.error = "unreadable", f"results.json: {type(exc).__name__}"
         return row
-    row.status = str(results.get("status", "unknown"))
-    row.error = results.get("error")
-    row.delta_m = results.get("delta_m_pct")
-    row.task_deltas = {task: entry.get("delta_pct_mean") for task, entry in results.get("tasks", {}).items()}
+    row.status, row.error = str(status), None if error is None else str(error)
+    row.delta_m, row.task_deltas = _number(delta_m), task_deltas
     _split_fields(row, results)
     return row
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _job_names(jobs: list[Path]) -> list[str]:

@@ -14,7 +14,8 @@ from mtl_runner import baselines, build, checkpoints, io, results
 from mtl_runner.assemble import build_run, prepare_process
 from mtl_runner.data import summary as data_summary
 from mtl_runner.errors import ConfigError
-from mtl_runner.train import distributed
+from mtl_runner.train import distributed, interrupt
+from mtl_runner.train.callbacks import Checkpointing
 from mtl_runner.train.reference import evaluate_trivial, fit_trivial
 
 
@@ -55,25 +56,41 @@ def option_names(cfg: DictConfig, choices: dict[str, str] | None) -> dict[str, s
 def run_experiment(
     cfg: DictConfig, run_dir: Path, run_name: str | None = None, choices: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Train, test and write results; on failure, the run dir records the status and the
-    traceback (``results.json`` status ``failed``/``interrupted``, ``error.txt``) and the
-    exception propagates."""
+    """Train, test and write results. SIGINT/SIGTERM stop the run at the next step
+    boundary with a checkpoint (:class:`~mtl_runner.train.interrupt.RunInterrupted`). On
+    failure or interrupt the run dir records the status (``results.json`` status
+    ``failed``/``interrupted``, the traceback of a failure in ``error.txt``) and the
+    exception propagates; a failure to write those records is added to the exception's
+    notes, never raised in its place."""
     run_dir = Path(run_dir)
     name = run_name or run_dir.name
+    with interrupt.stop_requests() as requests:
+        try:
+            return _run(cfg, run_dir, name, choices, requests)
+        except ConfigError:
+            raise
+        except BaseException as exc:
+            _record_failure(cfg, run_dir, name, exc)
+            raise
+
+
+def _record_failure(cfg: DictConfig, run_dir: Path, name: str, exc: BaseException) -> None:
+    """``results.json`` (and ``error.txt`` for a failure) of a run that did not complete."""
+    stopped = isinstance(exc, (interrupt.RunInterrupted, KeyboardInterrupt))
+    record = {
+        "run_name": name, "status": "interrupted" if stopped else "failed",
+        "error": f"{type(exc).__name__}: {exc}", "config": OmegaConf.to_container(cfg, resolve=True),
+    }
     try:
-        return _run(cfg, run_dir, name, choices)
-    except BaseException as exc:
-        if not isinstance(exc, ConfigError):
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        if not stopped:
             io.write_text(run_dir / "error.txt", traceback.format_exc())
-            io.write_json(run_dir / "results.json", {
-                "run_name": name, "status": status, "error": f"{type(exc).__name__}: {exc}",
-                "config": OmegaConf.to_container(cfg, resolve=True),
-            })
-        raise
+        io.write_json(run_dir / "results.json", record)
+    except OSError as write_error:
+        exc.add_note(f"(its record could not be written to {run_dir}: {type(write_error).__name__}: {write_error.strerror or write_error})")
 
 
-def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] | None) -> dict[str, Any]:
+def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] | None,
+         requests: interrupt.StopRequests) -> dict[str, Any]:
     started = time.perf_counter()
     # Under trainer.strategy=ddp every rank trains; rank 0 alone writes and prints.
     group = distributed.init_process_group(cfg.trainer.device) if cfg.trainer.strategy == "ddp" else None
@@ -84,6 +101,8 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
     run = build_run(cfg, run_dir, name=run_name, group=group, console=console,
                     resume_step=checkpoint["state"]["step"] if checkpoint else None)
     trainer, taskset, device = run.trainer, run.taskset, run.device
+    saver = next((cb.save for cb in trainer.callbacks if isinstance(cb, Checkpointing)), None)
+    trainer.callbacks.append(interrupt.StopAtSafePoint(requests, saver))
     try:
         data_summary.report(taskset, console, run_dir if main else None)
         if checkpoint is not None:

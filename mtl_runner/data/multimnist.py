@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtl_runner.data.base import TaskSet, TensorSplit
-from mtl_runner.data.roots import expand_root, require_files, root_check, root_error
+from mtl_runner.data.roots import expand_root, reading, require_files, root_check, root_error
 from mtl_runner.errors import DatasetRootError
 from mtl_runner.tasks import Task
 
@@ -77,7 +77,7 @@ def check_multimnist(root: str, download: bool = False, num_val: int = 10000, **
 def _idx_length(path: Path) -> int:
     """The first dimension of an IDX file, from its header alone."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+    with reading(path, "re-download MNIST"), opener(path, "rb") as f:
         header = f.read(8)
     if len(header) < 8 or header[:2] != b"\0\0" or header[3] < 1:
         raise DatasetRootError(f"{path}: not an IDX file (bad magic number); re-download MNIST")
@@ -92,7 +92,7 @@ def _check_num_val(num_val: int, train_count: int) -> None:
 def read_idx(path: Path) -> np.ndarray:
     """An IDX array (the MNIST file format), from a raw or gzipped file."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+    with reading(path, "re-download MNIST"), opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
         raise DatasetRootError(f"{path}: not an IDX file (bad magic number); re-download MNIST")

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,12 +48,37 @@ def root_error(root: str | Path, name: str, problem: str, expected: str, obtain:
 
 def require_files(root: Path, relative: Iterable[str], name: str, expected: str, obtain: str) -> None:
     """Raise :class:`DatasetRootError` naming the first of ``relative`` missing under ``root``."""
+    if root.exists() and not root.is_dir():
+        raise root_error(root, name, "is a file, not a directory", expected, obtain)
     if not root.is_dir():
         raise root_error(root, name, "not found (no such directory)", expected, obtain)
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise root_error(root, name, "cannot be read (permission denied)", expected, obtain)
     missing = [rel for rel in relative if not (root / rel).exists()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise root_error(root, name, f"is incomplete: missing {missing[0]}{more}", expected, obtain)
+
+
+@contextmanager
+def reading(path: Path, advice: str) -> Iterator[None]:
+    """Errors while reading one of a dataset's files (unreadable, truncated, not the
+    compression it claims) become a :class:`DatasetRootError` naming the file;
+    ``advice``: what to do, e.g. "re-download MNIST"."""
+    try:
+        yield
+    except DatasetRootError:
+        raise
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetRootError(f"{path}: cannot be read ({_reason(exc)}); {advice}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, EOFError):
+        return "truncated: it ends before its data does"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc).splitlines()[0].lower() if str(exc) else type(exc).__name__
 
 
 def root_check(check: Callable[..., None]) -> Callable[[F], F]:
@@ -85,4 +112,6 @@ def check_dataset(node: DictConfig | dict[str, Any]) -> None:
     params = inspect.signature(check).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         kwargs = {k: v for k, v in kwargs.items() if k in params}
-    check(**kwargs)
+    # a check that stumbles over a file (permissions, a corrupt archive) still says which
+    with reading(Path(str(kwargs.get("root", "."))), f"check {node.get('_target_')}'s files"):
+        check(**kwargs)

@@ -3,6 +3,11 @@
 A step whose losses or gradient norm are NaN or infinite is skipped: its gradients are
 dropped, the optimizer does not move, ``FitState.nonfinite_steps`` counts it, and
 ``trainer.on_nonfinite`` / ``trainer.max_nonfinite_steps`` decide when the run stops.
+An update that leaves the weights themselves non-finite (finite gradients times an
+overflowing step) cannot be undone without a copy of every weight, so it stops the run
+whatever ``trainer.on_nonfinite`` says: the weights' flag is computed on the device after
+each optimizer step and read with the next step's flags, or before a checkpoint and at an
+epoch's end, so no checkpoint and no completed run holds non-finite weights.
 Under fp16 an overflow of the scaled gradients backs the loss scale off instead. The
 gradient norm is clipped here too (``trainer.grad_clip_norm``), since it is computed
 here anyway.
@@ -32,7 +37,8 @@ from mtl_runner.train.state import FitState
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with non-finite losses or gradients."""
+    """Too many consecutive steps with non-finite losses or gradients, or an update that
+    left the weights non-finite."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +65,30 @@ class NonFiniteGuard:
             and all(group.get("fused") for group in optimizer.param_groups)
         )
         self._pending: list[tuple[int, Tensor]] = []
+        #: The last update's weights flag (0-d, on the device) while the host has not read it.
+        self._weights_check: Tensor | None = None
+        optimizer.register_step_post_hook(self._after_update)
+
+    def _after_update(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        """Whether the weights are finite after this update, kept on the device: their L1
+        norm is non-finite iff one of them is (short of a sum above 3e38), in one fused pass."""
+        del args, kwargs
+        params = [p.detach() for group in optimizer.param_groups for p in group["params"]]
+        if params:
+            self._weights_check = torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=1.0))
+
+    def _take_weights_flag(self) -> Tensor:
+        """The unread weights flag of the last update (True when none)."""
+        flag, self._weights_check = self._weights_check, None
+        return flag if flag is not None else torch.ones((), dtype=torch.bool, device=self.device)
 
     def check(self, state: FitState, step: int, losses: Tensor, on_host: bool) -> Verdict:
         """The verdict on this step's gradients, before the optimizer steps. ``on_host``:
-        the caller needs it now, even where the device could keep it."""
-        flags = torch.cat([torch.isfinite(losses.detach()), torch.isfinite(self._clipped_grad_norm()).reshape(1)])
+        the caller needs it now, even where the device could keep it. The flags end with
+        the previous update's weights flag: read with the others, at no extra sync."""
+        weights_finite = self._take_weights_flag()
+        flags = torch.cat([torch.isfinite(losses.detach()), torch.isfinite(self._clipped_grad_norm()).reshape(1),
+                           weights_finite.reshape(1)])
         if self.on_device and not on_host:
             finite = flags.all()
             self.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
@@ -74,19 +99,29 @@ class NonFiniteGuard:
         return Verdict(self._settle(state, step, flags.tolist(), already_stepped=False), None)
 
     def settle_pending(self, state: FitState) -> None:
-        """Account for the steps the device path has judged since the last call (one sync)."""
-        if not self._pending:
+        """Account for the steps the device path has judged since the last call, and check
+        the weights after the last update (one sync)."""
+        pending, self._pending = self._pending, []
+        weights = self._weights_check
+        if weights is None and not pending:
             return
-        steps = [step for step, _ in self._pending]
-        flags = torch.stack([f for _, f in self._pending]).tolist()
-        self._pending.clear()
-        for step, step_flags in zip(steps, flags):
-            self._settle(state, step, step_flags, already_stepped=True)
+        self._weights_check = None
+        if weights is None:
+            weights = torch.ones((), dtype=torch.bool, device=self.device)
+        values = torch.cat([*(flags for _, flags in pending), weights.reshape(1)]).tolist()
+        offset = 0
+        for step, flags in pending:
+            self._settle(state, step, values[offset:offset + len(flags)], already_stepped=True)
+            offset += len(flags)
+        self._settle_weights(state.step, values[-1])
 
     def _settle(self, state: FitState, step: int, flags: list[bool], already_stepped: bool) -> bool:
-        """Whether the step is kept; ``flags``: one per task loss, then the gradient norm's.
-        ``already_stepped``: the device path ran the (masked) update and counted the batch
-        in the epoch's mean; a skipped one is taken out of it again."""
+        """Whether the step is kept; ``flags``: one per task loss, the gradient norm's, then
+        the weights' after the previous update. ``already_stepped``: the device path ran
+        the (masked) update and counted the batch in the epoch's mean; a skipped one is
+        taken out of it again."""
+        self._settle_weights(step, flags[-1])
+        flags = flags[:-1]
         losses_finite = all(flags[:-1])
         finite = losses_finite and flags[-1]
         if self.scaler is not None and losses_finite and self.scaler.update(finite):
@@ -102,6 +137,15 @@ class NonFiniteGuard:
             self.optimizer.zero_grad(set_to_none=True)
         self._record(state, step, flags[:-1])
         return False
+
+    def _settle_weights(self, step: int, finite: bool) -> None:
+        if not finite:
+            lrs = sorted({float(group["lr"]) for group in self.optimizer.param_groups})
+            raise NonFiniteError(
+                f"step {step}: the weights are non-finite after the update before it (learning rate "
+                f"{', '.join(f'{lr:g}' for lr in lrs)}); an applied update cannot be skipped, so the run stops "
+                f"whatever trainer.on_nonfinite says; the checkpoint on disk predates it"
+            )
 
     def _record(self, state: FitState, step: int, losses_finite: list[bool]) -> None:
         """Count a skipped step; stop the run when ``trainer.on_nonfinite`` says so."""
