@@ -109,9 +109,9 @@ def check_compatible(cfg: DictConfig, taskset: TaskSet | None = None) -> None:
         )
 
 
-#: Sharing strategies that run on ``(B, L, D)`` token sequences of varying length: the
-#: gated ones read the raw inputs as a vector, FiLM and MTAN expect images or vectors.
-TOKEN_SHARING = ("hard", "none", "soft", "cross_stitch", "learning_to_branch")
+#: Sharing strategies that run on ``(B, L, D)`` token sequences of varying length (the
+#: gated ones read the raw inputs as one fixed-size vector).
+TOKEN_SHARING = ("hard", "none", "soft", "cross_stitch", "learning_to_branch", "mtan", "film")
 
 
 def _takes(node: DictConfig, argument: str) -> bool:

@@ -106,7 +106,7 @@ def test_sharing_strategies_run_on_tokens(one_thread: None) -> None:
     cfg = compose_config([*TINY_TEXT, "dataset.tasks=[pos,ner,tense]"])
     taskset = build_taskset(cfg)
     x, y = next(taskset.train.batches(8, shuffle=False, generator=None, device=CPU))
-    for sharing in ("none", "soft", "cross_stitch", "learning_to_branch"):
+    for sharing in ("none", "soft", "cross_stitch", "learning_to_branch", "mtan", "film"):
         cfg = compose_config([*TINY_TEXT, f"sharing={sharing}", "dataset.tasks=[pos,ner,tense]"])
         check_compatible(cfg)
         out = build_model(cfg, taskset).predict(x)

@@ -8,8 +8,8 @@ The from-scratch encoder's stages are its embedding and each
 ``torch.nn.TransformerEncoderLayer``, so strategies that cut or mix between stages,
 stage freezing and layer-wise rates act on layers. Stages pass one tensor, so padding
 travels inside it: padded positions are exactly zero vectors, each layer masks them as
-attention keys and zeroes them again in its output. Sharing strategies that keep stage
-outputs linear in them (cross-stitch, MTAN, hard sharing) keep padding zero; one that
+attention keys and zeroes them again in its output. Sharing strategies that scale or mix
+stage outputs (cross-stitch, MTAN's masks, hard sharing) keep padding zero; one that
 adds an offset (FiLM's beta) lets later layers attend to padded positions, which
 changes the representation of the real ones only slightly and never reaches a loss.
 """

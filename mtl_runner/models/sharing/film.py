@@ -49,6 +49,8 @@ class FiLM(SharingModel):
 
     def _modulate(self, h: Tensor, stage: int, task: str) -> Tensor:
         gamma, beta = self.generators[stage](self.embeddings[task]).to(h.dtype).chunk(2)
+        if not self.encoder.is_spatial:  # channels last: vectors (B, C) and token sequences (B, L, C)
+            return h * (1 + gamma) + beta
         shape = (1, gamma.shape[0]) + (1,) * (h.dim() - 2)
         return h * (1 + gamma).view(shape) + beta.view(shape)
 

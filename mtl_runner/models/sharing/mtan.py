@@ -88,7 +88,8 @@ class MTAN(SharingModel):
                         prev = F.adaptive_max_pool2d(prev, s.shape[-2:])
                     else:
                         prev = F.interpolate(prev, size=s.shape[-2:], mode="bilinear", align_corners=False)
-                mask = modules[j](torch.cat([s, prev], dim=1))
+                # channels: dim 1 of images, the last dim of vectors and token sequences (B, L, D)
+                mask = modules[j](torch.cat([s, prev], dim=1 if self.spatial else -1))
             a = mask * s
         assert a is not None
         return a
