@@ -36,6 +36,7 @@ def test_resnet18_stages_at_32x32() -> None:
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_resnet50_channels_and_one_channel_input() -> None:
     net = ResNet((1, 32, 32), arch="resnet50").eval()
     shapes = _stage_shapes(net, torch.randn(1, 1, 32, 32))
@@ -43,6 +44,7 @@ def test_resnet50_channels_and_one_channel_input() -> None:
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_resnet50_dilated_has_output_stride_8_and_aspp_dense_heads() -> None:
     net = ResNetDilated((3, 32, 32)).eval()
     shapes = _stage_shapes(net, torch.randn(2, 3, 32, 32))

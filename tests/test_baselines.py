@@ -91,6 +91,7 @@ def test_two_processes_train_one_baseline_once(tmp_path: Path) -> None:
     assert len(entries) == 1 and len(list((entries[0] / "tb").iterdir())) == 1  # one training wrote events
 
 
+@pytest.mark.slow
 def test_partial_or_corrupt_entries_are_rebuilt(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     first = ensure_baseline(cfg, "t1")
@@ -129,6 +130,7 @@ def test_loaded_baseline_model_reproduces_its_test_metrics(tmp_path: Path) -> No
 
 
 # ---------------------------------------------------------------- in results.json
+@pytest.mark.slow
 def test_run_with_baselines_writes_the_comparison_and_reuses_the_cache(tmp_path: Path) -> None:
     # sharing=none trains each task's column exactly as its baseline: Δm must be ~0.
     separate = run_experiment(_cfg(tmp_path / "cache", "sharing=none"), tmp_path / "none")

@@ -105,6 +105,7 @@ PIPELINES = {
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
+@pytest.mark.slow
 def test_run_on_fixture_writes_metrics(tmp_path: Path, name: str) -> None:
     """The whole pipeline Hydra's job runs (build, train, test, results.json), in-process:
     a subprocess per dataset costs more than the run itself on a loaded machine."""

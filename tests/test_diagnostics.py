@@ -97,6 +97,7 @@ def test_decision_rule_outcomes(pairs: list[PairStats], ratio: float, finding: s
     assert advice in got_advice
 
 
+@pytest.mark.slow
 def test_run_writes_conflict_report(tmp_path: Path) -> None:
     run_experiment(compose_config([*TINY, "diagnostics.every_n_steps=1", "diagnostics.warmup_steps=2"]), tmp_path)
     report = json.loads((tmp_path / "diagnostics.json").read_text())

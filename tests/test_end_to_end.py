@@ -48,6 +48,7 @@ def test_cli_run_writes_results_and_tensorboard(tmp_path: Path) -> None:
     assert "test metrics" in result.stdout
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path: Path) -> None:
     cfg = compose_config(TINY)
     first = run_experiment(cfg, tmp_path / "a")

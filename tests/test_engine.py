@@ -85,6 +85,7 @@ def test_row_weighting_scales_encoder_rows_only(batch, space) -> None:
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_auto_settles_on_one_strategy(batch) -> None:
     ts, x, y = batch
     model = _model(ts)

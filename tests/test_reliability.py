@@ -101,6 +101,7 @@ def test_sigkill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path: 
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["host-guard", "device-guard"])
+@pytest.mark.slow
 def test_nan_loss_is_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fused: bool) -> None:
     # fused=true: the optimizer skips the step on the device and the host accounts for it
     # at the next logging interval (the sync-free path used on CUDA).
@@ -154,6 +155,7 @@ def test_incompatible_choices_fail_before_training(tmp_path: Path) -> None:
     assert not (runs[0] / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_deterministic_mode_trains(tmp_path: Path) -> None:
     os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     try:
