@@ -169,6 +169,8 @@ def preflight(argv: list[str], config_name: str = "config") -> list[str]:
                     hydra_node = cfg.pop("hydra")
             except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as exc:
                 fail(_explain(exc, job, config_name))
+            except ValueError as exc:  # Hydra's own checks, e.g. a group given a number: affinity=0
+                fail(str(exc).splitlines()[0])
             try:
                 validate(cfg)
                 # methods check their own arguments (e.g. surgery.c) when constructed: cheap, and before any output
