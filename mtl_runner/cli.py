@@ -18,9 +18,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mtl_runner import io
 from mtl_runner.config import CONF_DIR, validate
@@ -46,7 +47,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         apply_job_resources(cfg, hydra_cfg.launcher, hydra_cfg.job.num if sweeping else 0)
         if _requeued() and not cfg.resume and last_checkpoint(run_dir).is_file():
             cfg.resume = str(run_dir)  # a pre-empted job that SLURM started again continues
-        out = run_experiment(cfg, run_dir, run_name=_run_name(hydra_cfg), choices=choices)
+        out = run_experiment(cfg, run_dir, run_name=_run_name(hydra_cfg), choices=choices, swept=_swept(hydra_cfg))
     except (RunInterrupted, KeyboardInterrupt) as exc:
         print(f"mtl-run: {_stopped(exc, run_dir, list(hydra_cfg.overrides.task))}", file=sys.stderr)
         raise SystemExit(exc.exit_code if isinstance(exc, RunInterrupted) else EXIT_CODES[signal.SIGINT]) from None
@@ -126,6 +127,27 @@ def _stopped(exc: BaseException, run_dir: Path, task_overrides: list[str]) -> st
 def _run_name(hydra_cfg: DictConfig) -> str:
     overrides = hydra_cfg.job.override_dirname
     return overrides or Path(hydra_cfg.runtime.output_dir).name
+
+
+def _swept(hydra_cfg: DictConfig) -> dict[str, list[str]]:
+    """The keys this job's sweep varies, with the values it tries: the sweep's own
+    overrides and ``hydra.sweeper.params``, as saved in ``multirun.yaml`` (Hydra writes it
+    before launching the jobs); empty for a single run. The keys left out of job names
+    (``trainer.device``...) are left out here too."""
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    try:
+        saved = OmegaConf.load(Path(hydra_cfg.sweep.dir) / "multirun.yaml").hydra
+        given = [*saved.overrides.task, *(f"{k}={v}" for k, v in (saved.sweeper.get("params") or {}).items())]
+        parsed = OverridesParser.create().parse_overrides(given)
+    except Exception:  # an unreadable or foreign multirun.yaml: the HPARAMS tab still lists every value
+        return {}
+    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    swept: dict[str, list[str]] = {}
+    for item in parsed:
+        if item.is_sweep_override() and item.key_or_group not in excluded:
+            swept[item.key_or_group] = list(item.sweep_string_iterator()) if item.is_discrete_sweep() else []
+    return swept
 
 
 def run() -> None:

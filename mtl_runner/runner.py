@@ -53,8 +53,35 @@ def option_names(cfg: DictConfig, choices: dict[str, str] | None) -> dict[str, s
     return names
 
 
+#: Override keys whose hparam has a shorter name in the HPARAMS tab.
+HPARAM_NAMES = {"optimizer.lr": "lr", "trainer.seed": "seed"}
+
+
+def hparam_values(cfg: DictConfig, choices: dict[str, str] | None,
+                  swept: dict[str, list[str]] | None) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """This run's HPARAMS-tab values and the domains of the swept ones, by hparam name.
+
+    ``swept``: the override keys a sweep varies and the values it tries (as typed on the
+    command line); a swept group is named by the group, a swept key outside the fixed set
+    joins it under its own name, and each domain takes the type of this run's value."""
+    values: dict[str, Any] = {**option_names(cfg, choices), "lr": float(cfg.optimizer.lr), "seed": float(cfg.trainer.seed)}
+    domains: dict[str, list[Any]] = {}
+    for key, options in (swept or {}).items():
+        name = HPARAM_NAMES.get(key, key)
+        if name not in values:
+            value = OmegaConf.select(cfg, key, default=None)
+            values[name] = value if isinstance(value, (bool, str)) else float(value) if isinstance(value, (int, float)) else str(value)
+        kind = type(values[name])
+        try:
+            domains[name] = [o.lower() == "true" if kind is bool else kind(o) for o in options]
+        except ValueError:  # e.g. a swept value typed as an expression: flagged, without a domain
+            domains[name] = []
+    return values, domains
+
+
 def run_experiment(
-    cfg: DictConfig, run_dir: Path, run_name: str | None = None, choices: dict[str, str] | None = None
+    cfg: DictConfig, run_dir: Path, run_name: str | None = None, choices: dict[str, str] | None = None,
+    swept: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Train, test and write results. SIGINT/SIGTERM stop the run at the next step
     boundary with a checkpoint (:class:`~mtl_runner.train.interrupt.RunInterrupted`). On
@@ -66,7 +93,7 @@ def run_experiment(
     name = run_name or run_dir.name
     with interrupt.stop_requests() as requests:
         try:
-            return _run(cfg, run_dir, name, choices, requests)
+            return _run(cfg, run_dir, name, choices, swept, requests)
         except ConfigError:
             raise
         except BaseException as exc:
@@ -90,7 +117,7 @@ def _record_failure(cfg: DictConfig, run_dir: Path, name: str, exc: BaseExceptio
 
 
 def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] | None,
-         requests: interrupt.StopRequests) -> dict[str, Any]:
+         swept: dict[str, list[str]] | None, requests: interrupt.StopRequests) -> dict[str, Any]:
     started = time.perf_counter()
     # Under trainer.strategy=ddp every rank trains; rank 0 alone writes and prints.
     group = distributed.init_process_group(cfg.trainer.device) if cfg.trainer.strategy == "ddp" else None
@@ -143,8 +170,8 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
             baselines.add_to_results(out, records)
         results.write(run_dir, out)
         results.print_summary(out, console)
-        hparams = {**option_names(cfg, choices), "lr": float(cfg.optimizer.lr), "seed": int(cfg.trainer.seed)}
-        run.logger.hparams(hparams, results.final_metrics(out))
+        values, domains = hparam_values(cfg, choices, swept)
+        run.logger.hparams(values, results.final_metrics(out), trainer.state.step, domains)
         return out
     finally:
         run.logger.close()

@@ -33,7 +33,8 @@ def _get(url: str, body: dict | None = None) -> object:
 
 
 def test_tensorboard_serves_sweep_runs_tags_and_hparams(tmp_path: Path) -> None:
-    result = run_cli(["-m", *TINY, "diagnostics.every_n_steps=1", "optimizer.lr=0.002,0.001"], cwd=tmp_path)
+    result = run_cli(["-m", *TINY, "diagnostics.every_n_steps=1", "baseline=on",
+                      "balancer=uniform,uncertainty", "surgery=none,pcgrad"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     sweep = next((tmp_path / "outputs" / "multirun").iterdir())
 
@@ -50,12 +51,12 @@ def test_tensorboard_serves_sweep_runs_tags_and_hparams(tmp_path: Path) -> None:
         while time.monotonic() < deadline:
             try:
                 runs = _get(f"{base}/data/runs")  # type: ignore[assignment]
-                if len(runs) >= 2:
+                if len(runs) >= 4:
                     break
             except OSError:
                 pass
             time.sleep(1)
-        assert sorted(r.split("/")[0] for r in runs) == ["0_optimizer.lr=0.002", "1_optimizer.lr=0.001"]
+        assert len(runs) == 4, runs
 
         tags = _get(f"{base}/data/plugin/scalars/tags")
         for run in runs:
@@ -64,10 +65,27 @@ def test_tensorboard_serves_sweep_runs_tags_and_hparams(tmp_path: Path) -> None:
                 assert tag in run_tags, (run, tag)
 
         experiment = _get(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
-        names = {h["name"] for h in experiment["hparamInfos"]}  # type: ignore[index]
-        assert {"dataset", "backbone", "sharing", "balancer", "surgery", "lr", "seed"} <= names
-        lr_values = next(h for h in experiment["hparamInfos"] if h["name"] == "lr")  # type: ignore[index]
-        assert lr_values.get("type") == "DATA_TYPE_FLOAT64"
+        infos = experiment["hparamInfos"]  # type: ignore[index]
+        assert [(h["name"], h.get("differs", False)) for h in infos[:2]] == [("balancer", True), ("surgery", True)]
+        assert sorted(infos[1]["domainDiscrete"]) == ["none", "pcgrad"]
+        assert not any(h.get("differs", False) for h in infos[2:])
+        assert {"dataset", "backbone", "sharing", "lr", "seed"} <= {h["name"] for h in infos[2:]}
+        assert next(h for h in infos if h["name"] == "lr").get("type") == "DATA_TYPE_FLOAT64"
+        metric_tags = {m["name"]["tag"] for m in experiment["metricInfos"]}  # type: ignore[index]
+        assert {"hparam/delta_m_pct", "hparam/test/seg/miou", "hparam/test/depth/abs_err"} <= metric_tags
+
+        groups = _get(f"{base}/data/plugin/hparams/session_groups", {
+            "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
+            "colParams": [{"hparam": "balancer"}, {"hparam": "surgery"},
+                          {"metric": {"tag": "hparam/delta_m_pct"}}],
+            "startIndex": 0, "sliceSize": 10, "aggregationType": "AGGREGATION_AVG",
+        })
+        sessions = [s for g in groups["sessionGroups"] for s in g["sessions"]]  # type: ignore[index]
+        assert len(sessions) == 4
+        for session in sessions:
+            final_step = json.loads((sweep / session["name"].split("/")[0] / "results.json").read_text())["steps"]
+            delta_m = next(m for m in session["metricValues"] if m["name"]["tag"] == "hparam/delta_m_pct")
+            assert delta_m["trainingStep"] == final_step  # at the run's last step, not at 0
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -77,19 +77,43 @@ class RunLogger:
         if self.writer is not None:
             self.writer.add_custom_scalars(layout)
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """Write the HPARAMS-tab summary into this run's own event file (not a sub-run),
-        so a sweep shows one row per job under the job's own run name."""
+    def hparams(self, values: dict[str, Any], metrics: dict[str, float], step: int,
+                swept: dict[str, list[Any]] | None = None) -> None:
+        """The HPARAMS tab, declared through the hparams plugin's own protos, into this
+        run's own event file (not a sub-run), so a sweep shows one row per job under the
+        job's own run name. ``swept``: the hparams a sweep varies and the values it
+        tries; they come first, flagged as differing, so TensorBoard shows them as its
+        default columns (it sorts by that flag and fills its column list from the top).
+        The metrics are written as scalars at ``step``, the run's last, where the curves
+        of the same run end."""
         if self.writer is None:
             return
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+        from tensorboard.plugins.hparams import summary_v2 as hp
 
-        exp, ssi, sei = hparams_summary(hparams, metrics)
+        swept = swept or {}
+        experiment = api_pb2.Experiment(metric_infos=[hp.Metric(tag).as_proto() for tag in metrics])
+        for name in [*swept, *(name for name in values if name not in swept)]:
+            info = experiment.hparam_infos.add(name=name, differs=name in swept)
+            if swept.get(name):
+                hp.Discrete(swept[name]).update_hparam_info(info)
+            else:  # a kept value: no domain, which would hide other runs' values from the table
+                info.type = api_pb2.DATA_TYPE_STRING if isinstance(values[name], str) else (
+                    api_pb2.DATA_TYPE_BOOL if isinstance(values[name], bool) else api_pb2.DATA_TYPE_FLOAT64)
+        plugin_data = [
+            (metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)),
+            (metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(
+                session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS))),
+        ]
         file_writer = self.writer._get_file_writer()
-        for summary in (exp, ssi, sei):
+        file_writer.add_summary(hp.hparams_pb(values))
+        for tag, data in plugin_data:
+            summary = Summary()
+            summary.value.add(tag=tag, metadata=metadata.create_summary_metadata(data), tensor=metadata.NULL_TENSOR)
             file_writer.add_summary(summary)
         for name, value in metrics.items():
-            self.writer.add_scalar(name, value)
+            self.writer.add_scalar(name, value, step)
 
     def close(self) -> None:
         if self.writer is not None:
