@@ -104,7 +104,7 @@ def build_run(
     own_logger = logger is None
     if logger is None:
         logger = RunLogger(Path(files_dir) / "tb" if files_dir is not None else None, purge_step=resume_step)
-        logger.custom_scalars(custom_scalars_layout())
+        logger.custom_scalars(custom_scalars_layout(taskset.task_names))
     wired: list[Callback] = []
     if diagnostics:
         wired += [ConflictDiagnostics(

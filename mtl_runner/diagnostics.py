@@ -15,6 +15,7 @@ representation rather than of the shared parameters; the report says which.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -231,15 +232,20 @@ class ConflictDiagnostics(Callback):
         return "\n".join(lines)
 
 
-def custom_scalars_layout() -> dict[str, Any]:
-    """TensorBoard CUSTOM SCALARS: all cosines in one chart, all weights in another."""
+def custom_scalars_layout(task_names: tuple[str, ...]) -> dict[str, Any]:
+    """TensorBoard CUSTOM SCALARS, one chart per quantity so that the runs of a sweep are
+    the lines: a chart per task pair for the cosines (all pairs of all runs in one chart
+    is a tangle), and per-task charts for gradient norms and losses, whose magnitudes
+    differ by orders between tasks (depth's 17-37 against a classifier's 1-2 would
+    flatten the others on a shared linear axis)."""
+    def exact(tag: str) -> list[str]:
+        return [f"^{re.escape(tag)}$"]
+
     return {
-        "multi-task": {
-            "gradient cosines": ["Multiline", [r"cos/.*"]],
-            "task weights": ["Multiline", [r"^weight/.*"]],
-            "surgery weights": ["Multiline", [r"^surgery_weight/.*"]],
-            "conflict fraction": ["Multiline", [r"conflict/.*"]],
-            "gradient norms": ["Multiline", [r"grad_norm/.*"]],
-            "train losses": ["Multiline", [r"loss/train/.*"]],
-        }
+        "gradient cosines": {f"cos {p}": ["Multiline", exact(f"cos/{p}")] for p in pair_names(task_names)},
+        "conflict fraction (per epoch)": {f"conflict {p}": ["Multiline", exact(f"conflict/{p}")] for p in pair_names(task_names)},
+        "gradient norms": {f"grad_norm {t}": ["Multiline", exact(f"grad_norm/{t}")] for t in task_names},
+        "train losses": {**{f"loss {t}": ["Multiline", exact(f"loss/train/{t}")] for t in task_names},
+                         "loss total": ["Multiline", exact("loss/train/total")]},
+        "weights": {f"weights {t}": ["Multiline", [f"^(surgery_)?weight/{re.escape(t)}$"]] for t in task_names},
     }

@@ -64,6 +64,11 @@ def test_tensorboard_serves_sweep_runs_tags_and_hparams(tmp_path: Path) -> None:
             for tag in ("cos/seg~depth", "weight/seg", "loss/train/depth", "metric/val/seg/miou"):
                 assert tag in run_tags, (run, tag)
 
+        layout = _get(f"{base}/data/plugin/custom_scalars/layout")
+        charts = {c["title"]: [chart["title"] for chart in c["chart"]] for c in layout["category"]}  # type: ignore[index]
+        assert "cos seg~depth" in charts["gradient cosines"] and len(charts["gradient cosines"]) == 3  # one per pair
+        assert "grad_norm depth" in charts["gradient norms"]  # per task: no shared linear axis
+
         experiment = _get(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
         infos = experiment["hparamInfos"]  # type: ignore[index]
         assert [(h["name"], h.get("differs", False)) for h in infos[:2]] == [("balancer", True), ("surgery", True)]
