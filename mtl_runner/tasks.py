@@ -16,6 +16,7 @@ metrics skip them; both are computed with masks, never with a host-side test.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -59,7 +60,8 @@ class Task:
     tasks are trained and logged but excluded from Δm. ``loss_name`` selects the loss among
     those defined for the kind (see :func:`task_loss`). ``metric_names`` chooses which of
     the kind's metrics (:data:`AVAILABLE_METRICS`) are reported and enter Δm; empty means
-    the kind's defaults (:data:`METRICS`).
+    the kind's defaults (:data:`METRICS`). ``loss_fn`` replaces the kind's loss with any
+    callable ``(pred, target) -> per-entry losses`` (see :func:`task_loss`).
     """
 
     name: str
@@ -69,6 +71,7 @@ class Task:
     auxiliary: bool = False
     class_names: tuple[str, ...] = field(default=())
     metric_names: tuple[str, ...] = field(default=())
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = field(default=None, compare=False)
 
     @property
     def is_dense(self) -> bool:
@@ -136,8 +139,10 @@ def task_loss(task: Task, pred: Tensor, target: Tensor) -> Tensor:
 
     Depth uses L1 over valid pixels by default (``loss_name="mse"`` for squared error);
     normals use ``1 - cos`` over valid pixels (target norm > 0); segmentation ignores
-    pixels labelled :data:`IGNORE_INDEX`.
+    pixels labelled :data:`IGNORE_INDEX`. A task's own ``loss_fn`` takes precedence.
     """
+    if task.loss_fn is not None:
+        return _custom_loss(task, pred, target)
     kind = task.kind
     if kind in ("segmentation", "classification"):
         labelled = (target != IGNORE_INDEX).sum()
@@ -171,6 +176,21 @@ def task_loss(task: Task, pred: Tensor, target: Tensor) -> Tensor:
         bce = F.binary_cross_entropy_with_logits(logits, target.nan_to_num(), reduction="none")
         return torch.where(labelled, bce, 0.0).sum() / labelled.sum().clamp_min(1)
     raise ValueError(f"unknown task kind {kind!r}")
+
+
+def _custom_loss(task: Task, pred: Tensor, target: Tensor) -> Tensor:
+    """``task.loss_fn`` on every entry, then the mean over the labelled ones. The callable
+    sees unlabelled targets replaced by 0 and must return one loss per target entry (a
+    ``torch.nn`` loss with ``reduction="none"``), so masking needs no host sync."""
+    labelled = ~target.isnan() if target.is_floating_point() else target != IGNORE_INDEX
+    class_scores = not target.is_floating_point() and pred.dim() == target.dim() + 1
+    losses = task.loss_fn(pred.float() if class_scores else pred.float().reshape(target.shape), torch.where(labelled, target, 0))  # type: ignore[misc]
+    if losses.shape != target.shape:
+        raise ValueError(
+            f"task {task.name!r}: its loss must return one value per target entry, shape {tuple(target.shape)}, "
+            f"got {tuple(losses.shape)} (a torch.nn loss needs reduction: none)"
+        )
+    return torch.where(labelled, losses, 0.0).sum() / labelled.sum().clamp_min(1)
 
 
 class _ConfusionAccumulator:

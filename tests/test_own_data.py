@@ -314,3 +314,21 @@ def test_image_table_reads_dense_targets_from_per_image_files(tmp_path: Path) ->
     assert x.shape == (4, 3, 4, 4) and y["seg"].shape == (4, 4, 4) and y["depth"].shape == (4, 1, 4, 4)
     assert y["seg"][0, 0].tolist() == [IGNORE_INDEX, 0, 2, 2] and y["depth"][:, 0, 0, 0].tolist() == [1.0, 2.0, 3.0, 4.0]
     assert [t.kind for t in taskset.tasks] == ["segmentation", "depth", "binary"]
+
+
+def test_a_loss_from_target_replaces_the_kind_loss_and_keeps_missing_labels_out(tmp_path: Path) -> None:
+    """``loss: {_target_: torch.nn.HuberLoss, reduction: none}`` in the YAML: Hydra builds it,
+    the task averages it over labelled rows only."""
+    frame = pd.DataFrame({"x": np.linspace(-1, 1, 20), "y": [np.nan, 4.0] * 10})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    cfg = compose_config(["dataset=table", f"dataset.path={tmp_path / 't.csv'}", "dataset.split=[0.5,0.25,0.25]",
+                          "dataset.tasks={y: {kind: regression, loss: {_target_: torch.nn.HuberLoss, reduction: none, delta: 1.0}}}"])
+    check_dataset(cfg.dataset)  # the preflight instantiates the plain config itself
+    from mtl_runner.build import build_taskset
+
+    task = build_taskset(cfg).tasks[0]
+    pred, target = torch.zeros(4, 1), torch.tensor([math.nan, 4.0, math.nan, 0.5])
+    assert task.loss(pred, target).item() == pytest.approx((3.5 + 0.125) / 2)  # Huber: |e| - 0.5 beyond delta, e²/2 within
+    flat = Task("y", "regression", 1, loss_fn=torch.nn.HuberLoss())  # reduction "mean": one value, refused
+    with pytest.raises(ValueError, match=r"task 'y': its loss must return one value per target entry.*reduction: none"):
+        flat.loss(pred, target)
