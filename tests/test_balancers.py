@@ -291,7 +291,7 @@ def train_two_tasks(gn: GradNorm | None, steps: int = 200) -> tuple[Tensor, Tens
 
 
 def test_gradnorm_raises_the_slow_task_and_keeps_sum_t() -> None:
-    w, ratio = train_two_tasks(GradNorm())
+    w, ratio = train_two_tasks(GradNorm(initial_loss="first_step"))  # the paper's L(0): re-weights from step 1
     assert w[1] > 1.0 > w[0]
     assert w.sum().item() == pytest.approx(2.0, abs=1e-5)
     _, uniform_ratio = train_two_tasks(None)

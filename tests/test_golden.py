@@ -27,7 +27,8 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 COMMON = [*TINY, "trainer.num_threads=1", "diagnostics.every_n_steps=2", "diagnostics.warmup_steps=0"]
 CASES: dict[str, list[str]] = {
     "uniform": ["trainer.epochs=2"],
-    "gradnorm_pcgrad": ["balancer=gradnorm", "surgery=pcgrad", "trainer.epochs=2"],
+    # Recorded before balancer.initial_loss existed: the paper's first_step was the behaviour then.
+    "gradnorm_pcgrad": ["balancer=gradnorm", "balancer.initial_loss=first_step", "surgery=pcgrad", "trainer.epochs=2"],
     "mtan_cagrad": ["sharing=mtan", "surgery=cagrad", "trainer.epochs=2"],
 }
 RESUMED = "resumed"
