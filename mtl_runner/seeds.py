@@ -140,7 +140,7 @@ def group_rows(rows: Sequence[JobLike]) -> list[SeedGroup]:
     varying = [k for k in dict.fromkeys(k for g in groups for k in g.overrides)
                if len({g.overrides.get(k) for g in groups}) > 1]
     for group in groups:
-        group.label = " ".join(f"{k}={group.overrides.get(k, '-')}" for k in varying) or "(one configuration)"
+        group.label = " ".join(f"{k}={group.overrides[k]}" for k in varying if k in group.overrides) or "(defaults)"
     return groups
 
 
