@@ -1,14 +1,15 @@
-"""Fault injection: SIGKILL a training run at random points, resume it each time, and
-check that it ends exactly where an uninterrupted run of the same seed ends.
+"""Fault injection: SIGKILL, SIGTERM and SIGINT a training run at random points, resume it
+each time, and check that it ends exactly where an uninterrupted run of the same seed ends.
 
 A user's run dies for reasons it does not choose (a pre-empted node, an OOM kill, a
 closed laptop). ``mtl-run resume=<run dir>`` promises that this costs nothing but time:
 the resumed run's final metrics equal the uninterrupted run's, bit for bit, and its
 TensorBoard curves have each step exactly once (no duplicated or missing points where
 the kills happened). This script tests that promise end to end, as a user would meet it:
-real ``mtl-run`` processes, SIGKILL (no handler runs, no flush), kills that land
-anywhere (mid-step, mid-checkpoint-write, during validation), and a fresh resume after
-each.
+real ``mtl-run`` processes; SIGKILL (no handler runs, no flush), which lands anywhere
+(mid-step, mid-checkpoint-write, during validation); SIGTERM (a scheduler's pre-emption)
+and SIGINT (Ctrl-C), which must stop the run at the next step boundary with a checkpoint
+and exit 143 / 130; and a fresh resume after each. The signals take turns.
 
 Kill points are random but reproducible from ``--seed``: for each kill a target step is
 drawn ahead of the checkpoint on disk, the script waits until the checkpoint has reached
@@ -17,8 +18,8 @@ land right after a write. The TensorBoard check reads the events as TensorBoard 
 points a killed process wrote after its last checkpoint are purged when the resumed run
 writes those steps again (the reader logs that it purged them; the script silences it).
 
-    python scripts/chaos.py                    # 5 kills on a small built-in-dataset run
-    python scripts/chaos.py --kills 10 --seed 3 -- surgery=pcgrad balancer=uncertainty
+    python scripts/chaos.py                    # 6 interruptions on a small built-in-dataset run
+    python scripts/chaos.py --kills 10 --seed 3 --signals KILL,TERM -- surgery=pcgrad balancer=uncertainty
 
 Prints one row per kill and a verdict; exits 1 when a check fails. Takes about a
 minute on a 2-core CPU at the defaults.
@@ -54,6 +55,8 @@ BASE = [
 #: Tags whose step sequences must match the uninterrupted run's.
 TAGS = ("loss/train/total", "lr", "metric/val/seg/miou")
 WAIT_S = 300
+#: The exit code each signal must end mtl-run with (SIGKILL: killed by the kernel).
+EXPECTED_EXIT = {"KILL": -signal.SIGKILL, "TERM": 143, "INT": 130}
 
 
 def mtl_run(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -76,6 +79,14 @@ def checkpoint_step(run_dir: Path) -> int:
         return -1
 
 
+def _status(run_dir: Path) -> str | None:
+    """``results.json``'s status (an interrupted run writes one too), or None."""
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """``tag -> [(step, wall time)]`` as TensorBoard shows them (purged points removed)."""
     accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
@@ -89,7 +100,8 @@ def scalar_steps(run_dir: Path) -> dict[str, list[int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kills", type=int, default=5, help="how many times to kill and resume (default 5)")
+    parser.add_argument("--kills", type=int, default=6, help="how many times to interrupt and resume (default 6)")
+    parser.add_argument("--signals", default="KILL,TERM,INT", help="signals to send, in turn (default KILL,TERM,INT)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill points (not of training)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("overrides", nargs="*", help="extra mtl-run overrides, after --")
@@ -109,9 +121,13 @@ def main() -> None:
     total_steps = logged[-1][0] + 1
     step_s = (logged[-1][1] - logged[0][1]) / max(1, len(logged) - 1)
 
-    table = Table(title=f"{args.kills} SIGKILLs in a {total_steps}-step run (kill seed {args.seed})")
-    for column in ("kill", "target step", "extra delay s", "checkpoint step at kill", "results.json at kill"):
+    signals = [name.strip().upper().removeprefix("SIG") for name in args.signals.split(",")]
+    if not signals or any(name not in EXPECTED_EXIT for name in signals):
+        parser.error(f"--signals {args.signals}: choose among {', '.join(EXPECTED_EXIT)}")
+    table = Table(title=f"{args.kills} interruptions ({', '.join(signals)}) of a {total_steps}-step run (seed {args.seed})")
+    for column in ("#", "signal", "target step", "extra delay s", "checkpoint step after", "exit code", "completed"):
         table.add_column(column, justify="right")
+    wrong_exits = []
     process = mtl_run([*config, f"hydra.run.dir={chaos}"], workdir)
     for number in range(1, args.kills + 1):
         # spread the kills over the steps still to run: about one per equal share of them
@@ -123,10 +139,14 @@ def main() -> None:
             time.sleep(0.01)
         delay = rng.uniform(0.0, step_s)
         time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-        finished = (chaos / "results.json").exists()
-        table.add_row(str(number), str(target), f"{delay:.2f}", str(checkpoint_step(chaos)), "yes" if finished else "no")
+        name = signals[(number - 1) % len(signals)]
+        process.send_signal(getattr(signal, f"SIG{name}"))
+        code = process.wait(timeout=WAIT_S)
+        finished = _status(chaos) == "completed"
+        if not finished and code != EXPECTED_EXIT[name]:
+            wrong_exits.append(f"#{number} SIG{name}: exit {code}")
+        table.add_row(str(number), name, str(target), f"{delay:.2f}", str(checkpoint_step(chaos)), str(code),
+                      "yes" if finished else "no")
         if finished:
             break
         process = mtl_run([*config, f"resume={chaos}"], workdir)
@@ -137,12 +157,15 @@ def main() -> None:
     want = json.loads((reference / "results.json").read_text())
     got = json.loads((chaos / "results.json").read_text())
     checks = {
+        "each signal's exit code (KILL -9, TERM 143, INT 130)": not wrong_exits,
         "run completed": got.get("status") == "completed",
         "final metrics identical": got["tasks"] == want["tasks"],
         "TensorBoard steps identical": scalar_steps(chaos) == scalar_steps(reference),
     }
-    for name, ok in checks.items():
-        console.print(f"{'[green]ok  ' if ok else '[red]FAIL'}[/] {name}")
+    for check, ok in checks.items():
+        console.print(f"{'[green]ok  ' if ok else '[red]FAIL'}[/] {check}")
+    for wrong in wrong_exits:
+        console.print(f"[red]  {wrong}")
     console.print(f"runs kept in {workdir}" if args.workdir else f"runs in {workdir} (temporary)")
     raise SystemExit(0 if all(checks.values()) else 1)
 
