@@ -91,23 +91,22 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_a_resume_command_that_work
 @pytest.mark.slow
 def test_sigterm_exits_143_a_requeued_job_resumes_and_a_second_ctrl_c_exits_at_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [*TWO_EPOCHS, f"hydra.run.dir={tmp_path / 'job'}"]
     with monkeypatch.context() as patched:
         signal_at_step(patched, 1, signal.SIGTERM)
-        code, err = mtl_run([*TINY, f"hydra.run.dir={tmp_path / 'term'}"], tmp_path, patched, capsys)
-    assert code == 143 and len(err.strip().splitlines()) == 1 and "SIGTERM" in err, err
-    assert (tmp_path / "term" / "checkpoints" / "last.pt").is_file()
-    # SLURM starts a pre-empted job again with the same command line: it continues by itself
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    code, err = mtl_run([*TINY, f"hydra.run.dir={tmp_path / 'term'}"], tmp_path, monkeypatch, capsys)
-    assert code == 0, err
-    assert json.loads((tmp_path / "term" / "results.json").read_text())["resumed"] is True
-    monkeypatch.delenv("SLURM_RESTART_COUNT")
+        code, err = mtl_run(args, tmp_path, patched, capsys)
+    assert code == 143 and len(err.strip().splitlines()) == 1 and "SIGTERM at epoch 1, step 2" in err, err
 
+    # SLURM starts a pre-empted job again with the same command line: it continues by itself
+    # (here from step 2), and a double Ctrl-C then stops it at once, the checkpoint intact
     with monkeypatch.context() as patched:
-        signal_at_step(patched, 1, signal.SIGINT, signal.SIGINT)
-        code, err = mtl_run([*TINY, f"hydra.run.dir={tmp_path / 'twice'}"], tmp_path, patched, capsys)
-    assert code == 130 and err.strip() == "mtl-run: stopped at once by a second interrupt; no checkpoint had been written yet"
-    assert json.loads((tmp_path / "twice" / "results.json").read_text())["status"] == "interrupted"
+        patched.setenv("SLURM_RESTART_COUNT", "1")
+        signal_at_step(patched, 3, signal.SIGINT, signal.SIGINT)
+        code, err = mtl_run(args, tmp_path, patched, capsys)
+    checkpoint = tmp_path / "job" / "checkpoints" / "last.pt"
+    assert code == 130 and err.strip().startswith(f"mtl-run: stopped at once by a second interrupt; the checkpoint {checkpoint} is intact")
+    assert json.loads((tmp_path / "job" / "results.json").read_text())["status"] == "interrupted"
+    assert torch.load(checkpoint, weights_only=False)["state"]["step"] == 2  # the resumed run started there
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
