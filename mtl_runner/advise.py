@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from mtl_runner import io, seeds
@@ -42,8 +43,12 @@ GENERAL: tuple[tuple[str, ...], ...] = (REFERENCE, ("balancer=famo", "surgery=no
 
 
 def _compose(overrides: Sequence[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
+    """A checked config; an unknown option or a malformed override is one line."""
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides))
+    except HydraException as exc:
+        raise ConfigError(str(exc).strip().splitlines()[0]) from None
     validate(cfg)
     return cfg
 

@@ -45,3 +45,7 @@ def test_overrides_that_the_screening_chooses_are_refused(capsys: pytest.Capture
     with pytest.raises(SystemExit) as exit_info:
         advise.main(["balancer=famo"])
     assert exit_info.value.code == 2 and "mtl-advise chooses balancer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        advise.main(["dataset=no_such_dataset"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "no_such_dataset" in err
