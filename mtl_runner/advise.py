@@ -101,10 +101,11 @@ def screen(user: Sequence[str], epochs: int, seed_list: Sequence[int], out: Path
 def _markdown(user: Sequence[str], epochs: int, seed_list: Sequence[int], finding: str, advice: str,
               rule: list[tuple[str, ...]], summaries: list[seeds.Summary], reference: seeds.SeedGroup, seconds: float) -> str:
     heads = seeds.headers([], reference, "val")
+    span = f"{epochs} epoch{'' if epochs == 1 else 's'}"
     lines = [f"# mtl-advise {' '.join(shlex.quote(u) for u in user)}", "",
-             f"Diagnostics (uniform, {epochs} epochs): **{finding}**; the rule suggests `{advice}`.", "",
+             f"Diagnostics (uniform, {span}): **{finding}**; the rule suggests `{advice}`.", "",
              f"Screening: {len(summaries)} candidates x {len(seed_list)} seeds ({', '.join(map(str, seed_list))}), "
-             f"{epochs} epochs each, ranked by validation Δm (mean ± 95% t-interval), paired t-test against uniform; "
+             f"{span} each, ranked by validation Δm (mean ± 95% t-interval), paired t-test against uniform; "
              f"{seconds / 60:.1f} min.", "",
              "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     lines += ["| " + " | ".join(seeds.cells(s, [], reference)) + " |" for s in summaries]

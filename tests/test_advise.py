@@ -36,7 +36,7 @@ def test_screening_runs_and_ends_in_a_command(tmp_path: Path, capsys: pytest.Cap
     problem += ["diagnostics.every_n_steps=2", "diagnostics.warmup_steps=0", f"baseline.root={tmp_path / 'cache'}"]
     advise.main([*problem, "--epochs", "1", "--out", str(tmp_path / "advice")])
     text = (tmp_path / "advice" / "advice.md").read_text()
-    assert "Diagnostics (uniform, 1 epochs)" in text and "| balancer=famo surgery=none | 2 |" in text
+    assert "Diagnostics (uniform, 1 epoch)" in text and "| balancer=famo surgery=none | 2 |" in text
     assert "balancer=uniform surgery=pcgrad" in text and "\n    mtl-run -m " in text
     assert capsys.readouterr().out.strip().endswith("trainer.seed=0,1,2")
 
