@@ -17,7 +17,11 @@ zero_grad, ``GradientEngine.forward``, the task-loss vector, ``GradientEngine.ba
 Workloads (issue 3): ``cnn3`` (4-conv encoder 3->32->64->128->128, BN+ReLU, strides
 1,2,2,1, on 3x64x64, batch 32; heads: 7-class segmentation and depth as 1x1 conv + 4x
 bilinear upsampling, a 10-class global head), ``mlp3`` (MLP 256-512-512-256, batch 256,
-3 regression heads) and ``mlp10`` (the same with 10 heads). Columns take turns in rounds
+3 regression heads) and ``mlp10`` (the same with 10 heads); many tasks (issue 23): ``mlp40``
+(40 heads, as CelebA's attributes) and ``image40`` (ResNet-18 encoder on 3x64x64, batch
+16, 40 binary heads of global pooling + one linear unit). ``--tasks 2 5 10 20 40`` runs
+the MLP workload (``--family image``: the image one) at each T and ends with a growth
+table: each column's ratio to ``plain`` per T. Columns take turns in rounds
 (``--rounds`` x ``--steps``) after ``--warmup`` steps each (engine columns warm up
 until ``trainer.jacobian=auto`` has settled, so they time the path it chose; the
 ``jacobian`` column says which), so machine noise hits all of them alike.
@@ -25,6 +29,7 @@ until ``trainer.jacobian=auto`` has settled, so they time the path it chose; the
     python scripts/bench_steps.py                              # CPU (and CUDA when present)
     python scripts/bench_steps.py --quick                      # < 2 min on 2 CPU cores
     python scripts/bench_steps.py --workloads mlp10 --methods none pcgrad mgda upgrad
+    python scripts/bench_steps.py --tasks 2 5 10 20 40 --methods pcgrad upgrad --threads 2
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from torch import Tensor, nn
 
 from mtl_runner.cli import CONF_DIR
 from mtl_runner.models.backbones import MLP, Backbone, SmallCNN
+from mtl_runner.models.resnets import ResNet
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.uniform import Uniform
 from mtl_runner.optim.jacobian import GradientEngine, Strategy
@@ -150,10 +156,29 @@ def mlp(num_heads: int, device: torch.device) -> Workload:
     return Workload(f"mlp{num_heads}", model, (x.to(device), [t.to(device) for t in targets]), [F.mse_loss] * num_heads)
 
 
+def image(num_heads: int, device: torch.device) -> Workload:
+    """Many image-level tasks on a ResNet-18 encoder (CelebA's attributes at a CPU-friendly
+    resolution): each head pools the last feature map and gives one logit."""
+    tasks = [Task(f"a{t}", "classification", 2) for t in range(num_heads)]
+    encoder = ResNet((3, 64, 64), arch="resnet18")
+    heads: dict[str, nn.Module] = {
+        t.name: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1)) for t in tasks
+    }
+    x = torch.randn(16, 3, 64, 64)
+    targets = [torch.randint(0, 2, (16, 1)).float() for _ in tasks]
+    model = BenchModel(encoder, heads, tasks).to(device)
+    losses: list[LossFn] = [F.binary_cross_entropy_with_logits] * num_heads
+    return Workload(f"image{num_heads}", model, (x.to(device), [t.to(device) for t in targets]), losses)
+
+
+#: Workload families for ``--tasks``: the number of tasks to a workload.
+FAMILIES: dict[str, Callable[[int, torch.device], Workload]] = {"mlp": mlp, "image": image}
 WORKLOADS: dict[str, Callable[[torch.device], Workload]] = {
     "cnn3": cnn3,
     "mlp3": lambda device: mlp(3, device),
     "mlp10": lambda device: mlp(10, device),
+    "mlp40": lambda device: mlp(40, device),
+    "image40": lambda device: image(40, device),
 }
 
 
@@ -386,7 +411,30 @@ def verdicts(workload: Workload, columns: dict[str, Column], plain: float, seque
         if workload.name == "mlp10" and name in TORCHJD_TARGET_METHODS and column.torchjd is not None:
             r = ms / median(column.torchjd)
             lines.append(f"{tag} {name} vs torchjd: {r:.2f}x (target 0.6) -> {'met' if r <= 0.6 else 'NOT met'}")
+        elif workload.num_tasks >= 40 and column.torchjd is not None:  # issue 23: ahead of torchjd
+            r = ms / median(column.torchjd)
+            lines.append(f"{tag} {name} vs torchjd: {r:.2f}x (target < 1) -> {'met' if r < 1 else 'NOT met'}")
     return lines
+
+
+def growth(console: Console, family: str, device: torch.device, runs: list[tuple[int, dict[str, Column]]]) -> None:
+    """How each column's cost grows with T: its median over ``plain``'s, per T (the
+    torchjd columns as ``torchjd <method>``)."""
+    names: list[str] = []
+    for _, columns in runs:
+        for name, column in columns.items():
+            for label in (name, *([f"torchjd {name}"] if column.torchjd is not None else [])):
+                if label != "plain" and label not in names:
+                    names.append(label)
+    table = Table(title=f"{family} on {device.type}: x plain per T (plain in ms)")
+    for heading in ("T", "plain ms", *names):
+        table.add_column(heading, justify="right")
+    for num_tasks, columns in runs:
+        plain = median(columns["plain"])
+        medians = {name: median(column) for name, column in columns.items()}
+        medians |= {f"torchjd {name}": median(c.torchjd) for name, c in columns.items() if c.torchjd is not None}
+        table.add_row(str(num_tasks), f"{plain:.2f}", *(ratio(medians[n], plain) if n in medians else "" for n in names))
+    console.print(table)
 
 
 def main() -> None:
@@ -402,6 +450,9 @@ def main() -> None:
                         help=f"trainer.jacobian (default {DEFAULT_JACOBIAN}, conf/trainer/default.yaml's)")
     parser.add_argument("--no-torchjd", dest="torchjd", action="store_false", help="skip the torchjd columns")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--tasks", nargs="+", type=int, default=None,
+                        help="numbers of tasks: run --family at each (instead of --workloads) and print the growth table")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="mlp", help="the workload --tasks grows (default mlp)")
     parser.add_argument("--quick", action="store_true", help="warmup 2 (auto still settles), steps 1, rounds 3: noisy")
     args = parser.parse_args()
     if args.quick:
@@ -417,10 +468,20 @@ def main() -> None:
     lines: list[str] = []
     for device_name in devices:
         device = torch.device(device_name)
-        for name in args.workloads:
+        runs: list[tuple[int, dict[str, Column]]] = []
+        builders = (
+            [(lambda d, t=t: FAMILIES[args.family](t, d)) for t in args.tasks]
+            if args.tasks
+            else [WORKLOADS[name] for name in args.workloads]
+        )
+        for build in builders:
             torch.manual_seed(0)
-            workload = WORKLOADS[name](device)
-            lines += report(console, workload, device, run_workload(workload, args.methods, args, device))
+            workload = build(device)
+            columns = run_workload(workload, args.methods, args, device)
+            lines += report(console, workload, device, columns)
+            runs.append((workload.num_tasks, columns))
+        if args.tasks:
+            growth(console, args.family, device, runs)
     console.print("\n[bold]Targets[/bold]")
     for line in lines:
         console.print(line)
