@@ -138,13 +138,16 @@ class GramianWeighting(Surgery):
         zeroes such rows in a copy of ``J``. ``read_flags=True`` lets a caller on the CPU,
         where reading a flag back waits for nothing, skip that copy when every row is
         finite; otherwise it is always made, so that nothing here reads the device.
-        The ``T x T`` problem runs on one CPU thread: it is far too small to gain from
-        threads, and waking them costs milliseconds on a busy machine.
+        The Gramian and the ``T x T`` problem run on one CPU thread: the problem is far
+        too small to gain from threads, and waking them costs milliseconds on a busy
+        machine; MKL's threaded product of a wide ``(T, P)`` matrix with its transpose
+        was measured up to two orders of magnitude slower than on one thread (T = 10,
+        P = 65536: 76 ms against 0.4 ms on a loaded 2-core machine, docs/performance.md).
         """
-        gramian = jacobian @ jacobian.T
-        if row_scale is not None:
-            gramian = gramian * (row_scale[:, None] * row_scale[None, :])
-        with _one_cpu_thread(gramian.device):
+        with _one_cpu_thread(jacobian.device):
+            gramian = jacobian @ jacobian.T
+            if row_scale is not None:
+                gramian = gramian * (row_scale[:, None] * row_scale[None, :])
             weights, finite = self._finite_weights(gramian, losses)
         weights = weights.to(jacobian.dtype)
         self.last_weights = weights

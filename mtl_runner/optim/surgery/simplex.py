@@ -49,6 +49,9 @@ MAX_EXACT_TASKS = 12
 FALLBACK_ITERATIONS = 500
 #: Pivoting steps from a hinted support before the enumeration takes over.
 PIVOTS = 6
+#: Pivoting steps from a cold start beyond MAX_EXACT_TASKS (no enumeration to fall back
+#: on; each step is one batched float64 solve, far cheaper than the fallback's iterations).
+LARGE_PIVOTS = 24
 
 
 def ridge(gramian: Tensor) -> Tensor:
@@ -90,15 +93,15 @@ def _kkt_tolerance(solution: Tensor, gramian: Tensor) -> Tensor:
     return _round_off(gramian.dtype) * (solution.abs() @ gramian.abs())
 
 
-def _pivot(step: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], free: Tensor) -> tuple[Tensor, Tensor]:
+def _pivot(step: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], free: Tensor, pivots: int) -> tuple[Tensor, Tensor]:
     """Block principal pivoting from the hinted supports ``free`` (rows ``(R, T)``).
     ``step(free)`` gives each row's solution on its support, which entries violate the
     KKT conditions (in the support but past its bound, or out of it with a negative
     multiplier), and whether the row's system was solvable. Violating entries switch
-    sides until no row has one, at most :data:`PIVOTS` times (or until a row cannot
+    sides until no row has one, at most ``pivots`` times (or until a row cannot
     move: unsolvable with nothing to switch). Returns the last solutions and which rows
     are optimal."""
-    for _ in range(PIVOTS):
+    for _ in range(pivots):
         solution, violated, solved = step(free)
         optimal = solved & ~violated.any(-1)
         stuck = ~optimal & ~violated.any(-1)
@@ -115,22 +118,28 @@ def _solve(
     data: tuple[Tensor, ...],
     enumerated: Callable[[Tensor | None], Tensor],
     approximate: Callable[[], Tensor],
+    cold: Tensor,
 ) -> Tensor:
     """The one solver dispatch of every problem here, for rows of solutions ``(R, T)``
-    (see the module docstring): beyond :data:`MAX_EXACT_TASKS`, ``approximate()``; on
-    the CPU with a ``hint`` (free sets ``(R, T)``), block principal pivoting in float64,
-    ``step(gramian, *data, free)`` being the problem's :func:`_pivot` step, and the rows
-    that do not settle go to ``enumerated(rows)`` (a boolean row mask); otherwise
-    ``enumerated(None)``, every row by support enumeration."""
-    if gramian.shape[0] > MAX_EXACT_TASKS:
-        return approximate()
-    if hint is None or not host_resident(gramian):
-        return enumerated(None)
-    solution, optimal = _pivot(partial(step, gramian.double(), *(tensor.double() for tensor in data)), hint)
+    (see the module docstring): on the CPU with a ``hint`` (free sets ``(R, T)``), block
+    principal pivoting in float64, ``step(gramian, *data, free)`` being the problem's
+    :func:`_pivot` step, and the rows that do not settle go to ``enumerated(rows)`` (a
+    boolean row mask); otherwise ``enumerated(None)``, every row by support enumeration.
+    Beyond :data:`MAX_EXACT_TASKS`, where enumeration is out of reach: on the CPU the
+    pivoting too (from the free sets ``cold`` when there is no hint yet, with up to
+    :data:`LARGE_PIVOTS` steps), so that a pivot that settles gives the exact optimum,
+    and ``approximate()`` for the rows that do not settle; on a GPU ``approximate()``."""
+    large = gramian.shape[0] > MAX_EXACT_TASKS
+    if not host_resident(gramian) or (hint is None and not large):
+        return approximate() if large else enumerated(None)
+    pivots = PIVOTS if hint is not None else LARGE_PIVOTS
+    start = hint if hint is not None else cold
+    solution, optimal = _pivot(partial(step, gramian.double(), *(tensor.double() for tensor in data)), start, pivots)
     solution = solution.to(gramian.dtype)
     if bool(optimal.all()):
         return solution
-    return solution.index_put((~optimal,), enumerated(~optimal))
+    fallback = approximate()[~optimal] if large else enumerated(~optimal)
+    return solution.index_put((~optimal,), fallback)
 
 
 @lru_cache(maxsize=64)
@@ -198,6 +207,7 @@ def min_norm_weights(gramian: Tensor, hint: Tensor | None = None) -> Tensor:
         (),
         lambda rows: _min_norm_enumerated(gramian)[None],
         lambda: _min_norm_projected_gradient(gramian)[None],
+        torch.ones((1, gramian.shape[0]), dtype=torch.bool, device=gramian.device),  # every task in the support
     )[0]
 
 
@@ -261,6 +271,7 @@ def dual_cone_weights(gramian: Tensor, lower: Tensor, hint: Tensor | None = None
         (lower,),
         lambda rows: _dual_cone_enumerated(gramian, lower if rows is None else lower[rows]),
         lambda: _dual_cone_projected_gradient(gramian, lower),
+        torch.zeros(lower.shape, dtype=torch.bool, device=gramian.device),  # no conflict: v = u
     )
 
 
@@ -326,6 +337,7 @@ def cagrad_weights(gramian: Tensor, radius: Tensor, hint: Tensor | None = None) 
         (toward_mean, radius),
         lambda rows: _cagrad_enumerated(gramian, toward_mean, radius)[None],
         lambda: _cagrad_projected_gradient(gramian, toward_mean, radius)[None],
+        torch.ones((1, num_tasks), dtype=torch.bool, device=gramian.device),
     )[0]
 
 
