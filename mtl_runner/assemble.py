@@ -76,7 +76,7 @@ def build_run(
 ) -> Run:
     """The trainer of ``cfg``.
 
-    ``run_dir``: where the run's files go (TensorBoard events in ``tb/``, checkpoints,
+    ``run_dir``: where the run's files go (its TensorBoard events, so that TensorBoard names the run by the directory alone; checkpoints,
     the diagnostics and fine-tuning reports); ``None`` writes none, and ``logger`` (if
     given) receives the curves. ``taskset``/``model``: already built by the caller (the
     model is otherwise built from the seed). ``callbacks`` join the standard ones;
@@ -103,7 +103,7 @@ def build_run(
     surgery = build.build_surgery(cfg)
     own_logger = logger is None
     if logger is None:
-        logger = RunLogger(Path(files_dir) / "tb" if files_dir is not None else None, purge_step=resume_step)
+        logger = RunLogger(Path(files_dir) if files_dir is not None else None, purge_step=resume_step)
         logger.custom_scalars(custom_scalars_layout(taskset.task_names))
     wired: list[Callback] = []
     if diagnostics:

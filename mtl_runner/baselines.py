@@ -13,7 +13,7 @@ concurrent jobs wait instead of training twice. ``baseline.json`` is written las
 atomically, and records the checkpoint's SHA-256: an entry without it, with a truncated
 one, or whose checkpoint no longer matches is rebuilt, never read as valid.
 
-An entry is also an ``mtl-run`` run directory (``checkpoints/last.pt``, ``tb/``), so
+An entry is also an ``mtl-run`` run directory (``checkpoints/last.pt``, TensorBoard events), so
 ``init_from=<entry>`` starts a model from a trained baseline.
 """
 

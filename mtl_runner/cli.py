@@ -31,6 +31,11 @@ from mtl_runner.preflight import fail, override, preflight
 from mtl_runner.train.interrupt import EXIT_CODES, RunInterrupted
 
 
+# conf/hydra/default.yaml names a sweep's job directories by their overrides alone, which is
+# what TensorBoard shows as run names; a job without overrides gets job<n>.
+OmegaConf.register_new_resolver("mtl_job_dir", lambda overrides, num: overrides or f"job{num}", replace=True)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """One job. Returns the run's ``objective`` to a sweeper (Optuna), ``None`` when the

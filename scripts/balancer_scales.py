@@ -86,7 +86,7 @@ def compose_run(balancer: str, epochs: int, num_train: int, image_size: int, see
 
 def read_last_epoch(run_dir: Path, task_names: Sequence[str], steps_per_epoch: int) -> dict[str, TaskScale]:
     """Per task, the last epoch's means of ``loss/train/<task>``, ``weight/<task>`` and their product."""
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={SCALARS: 0})
+    events = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})
     events.Reload()
 
     def last_epoch(tag: str) -> np.ndarray:

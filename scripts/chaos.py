@@ -89,7 +89,7 @@ def _status(run_dir: Path) -> str | None:
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """``tag -> [(step, wall time)]`` as TensorBoard shows them (purged points removed)."""
-    accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
     return {tag: [(event.step, event.wall_time) for event in accumulator.Scalars(tag)] for tag in TAGS}
 

@@ -88,7 +88,7 @@ def compose_run(alpha: float, steps: int, seed: int, overrides: Sequence[str] = 
 
 def read_cosines(run_dir: Path) -> np.ndarray:
     """The run's per-step ``cos/t1~t2`` scalars from its TensorBoard events."""
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={SCALARS: 0})
+    events = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})
     events.Reload()
     scalars = sorted(events.Scalars(f"cos/{PAIR}"), key=lambda e: e.step)
     return np.array([e.value for e in scalars])

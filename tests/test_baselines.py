@@ -88,7 +88,7 @@ def test_two_processes_train_one_baseline_once(tmp_path: Path) -> None:
     assert sorted(trained for trained, _ in answers) == [False, True]
     assert answers[0][1] == answers[1][1]
     entries = [p for p in tmp_path.iterdir() if p.is_dir()]
-    assert len(entries) == 1 and len(list((entries[0] / "tb").iterdir())) == 1  # one training wrote events
+    assert len(entries) == 1 and len(list(entries[0].glob("events.out.tfevents.*"))) == 1  # one training wrote events
 
 
 @pytest.mark.slow

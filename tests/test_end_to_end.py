@@ -38,7 +38,7 @@ def test_cli_run_writes_results_and_tensorboard(tmp_path: Path) -> None:
     assert results["parameters"]["mtl"] > 0
     assert results["config"]["trainer"]["epochs"] == 2
 
-    tags = _scalar_tags(run_dir / "tb")
+    tags = _scalar_tags(run_dir)
     for task in ("seg", "depth", "count"):
         assert f"loss/train/{task}" in tags
         assert f"loss/val/{task}" in tags
@@ -65,7 +65,7 @@ def test_multirun_lands_in_named_job_dirs(tmp_path: Path) -> None:
     sweeps = list((tmp_path / "outputs" / "multirun").iterdir())
     assert len(sweeps) == 1
     jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())
-    assert jobs == ["0_optimizer.lr=0.001", "1_optimizer.lr=0.0003"]
+    assert jobs == ["optimizer.lr=0.0003", "optimizer.lr=0.001"]
     for job in jobs:
         results = json.loads((sweeps[0] / job / "results.json").read_text())
-        assert results["run_name"] == job.split("_", 1)[1]
+        assert results["run_name"] == job

@@ -56,7 +56,7 @@ def _record(overrides: list[str], run_dir: Path, resume_from: Path | None = None
     else:
         results = run_experiment(compose_config([*COMMON, *overrides, f"resume={resume_from}"]), resume_from)
         run_dir = resume_from
-    return {"metrics": _metrics(results), "steps": results["steps"], "scalars": _scalars(run_dir / "tb")}
+    return {"metrics": _metrics(results), "steps": results["steps"], "scalars": _scalars(run_dir)}
 
 
 def _outputs(name: str, tmp: Path) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert got["resumed"] is True and got["status"] == "completed"
     assert got["tasks"] == want["tasks"]
     for tag in ("loss/train/seg", "weight/depth", "metric/val/seg/miou", "cos/seg~depth"):
-        assert _steps(killed / "tb", tag) == _steps(reference / "tb", tag), tag
+        assert _steps(killed, tag) == _steps(reference, tag), tag
 
 
 @pytest.mark.slow
@@ -139,8 +139,8 @@ def test_sweep_with_a_failing_job_finishes_the_others(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "1 job(s) of the sweep did not complete" in result.stderr
     sweep = next((tmp_path / "outputs" / "multirun").iterdir())
-    ok = json.loads((sweep / "0_dataset.num_train=64" / "results.json").read_text())
-    bad = json.loads((sweep / "1_dataset.num_train=0" / "results.json").read_text())
+    ok = json.loads((sweep / "dataset.num_train=64" / "results.json").read_text())
+    bad = json.loads((sweep / "dataset.num_train=0" / "results.json").read_text())
     assert ok["status"] == "completed"
     assert bad["status"] == "failed" and "dataset.num_train" in bad["error"]
 

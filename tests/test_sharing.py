@@ -263,7 +263,7 @@ def test_every_strategy_trains_the_built_in_dataset(tmp_path: Path, sharing: str
     assert on_disk["forward_passes_per_input"] == _expected_passes(sharing, 3)
     assert on_disk["parameters"]["mtl"] > 0 and "task_specific" in on_disk["parameters"]
     assert results["tasks"].keys() == {"seg", "depth", "count"}
-    tags = _scalar_tags(tmp_path / "tb")
+    tags = _scalar_tags(tmp_path)
     for tag in DIAGNOSTIC_TAGS.get(sharing, []):
         assert tag in tags, tag
     diagnostics = json.loads((tmp_path / "diagnostics.json").read_text())

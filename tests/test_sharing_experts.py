@@ -314,7 +314,7 @@ def test_trains_the_built_in_dataset_and_logs_its_routing(tmp_path: Path, sharin
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["status"] == "completed" and results["tasks"].keys() == {"seg", "depth", "count"}
     assert on_disk["forward_passes_per_input"] == {"cgc": 4, "ple": 4, "dselect_k": 4, "learning_to_branch": 3}[sharing]
-    scalars = _scalars(tmp_path / "tb")
+    scalars = _scalars(tmp_path)
     for tag in STATISTICS[sharing]:
         assert tag in scalars and all(0.0 <= v <= 1.0 or tag.startswith("loss/") for v in scalars[tag]), tag
     assert "cos/seg~depth" in scalars

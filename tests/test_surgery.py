@@ -546,7 +546,7 @@ def test_every_method_trains_end_to_end(tmp_path: Path, one_thread: None) -> Non
         run_experiment(cfg, run_dir)
         results = json.loads((run_dir / "results.json").read_text())
         assert results["status"] == "completed", name
-        accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+        accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
         accumulator.Reload()
         tags = set(accumulator.Tags()["scalars"])
         assert {"surgery_weight/seg", "surgery_weight/depth", "surgery_weight/count"} <= tags, (name, tags)
