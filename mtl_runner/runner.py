@@ -53,23 +53,20 @@ def option_names(cfg: DictConfig, choices: dict[str, str] | None) -> dict[str, s
     return names
 
 
-#: Override keys whose hparam has a shorter name in the HPARAMS tab.
-HPARAM_NAMES = {"optimizer.lr": "lr", "trainer.seed": "seed"}
-
-
 def hparam_values(cfg: DictConfig, choices: dict[str, str] | None,
                   swept: dict[str, list[str]] | None) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """This run's HPARAMS-tab values and the domains of the swept ones, by hparam name.
 
-    ``swept``: the override keys a sweep varies and the values it tries (as typed on the
-    command line); a swept group is named by the group, a swept key outside the fixed set
-    joins it under its own name, and each domain takes the type of this run's value."""
-    values: dict[str, Any] = {**option_names(cfg, choices), "lr": float(cfg.optimizer.lr), "seed": float(cfg.trainer.seed)}
+    Hparams are named by their override keys (``balancer``, ``optimizer.lr``), the names of
+    ``mtl-report``'s columns, so the two tables read alike. ``swept``: the override keys a
+    sweep varies and the values it tries (as typed on the command line); a swept key
+    outside the fixed set joins it, and each domain takes the type of this run's value."""
+    values: dict[str, Any] = {**option_names(cfg, choices), "optimizer.lr": float(cfg.optimizer.lr),
+                              "trainer.seed": float(cfg.trainer.seed)}
     domains: dict[str, list[Any]] = {}
-    for key, options in (swept or {}).items():
-        name = HPARAM_NAMES.get(key, key)
+    for name, options in (swept or {}).items():
         if name not in values:
-            value = OmegaConf.select(cfg, key, default=None)
+            value = OmegaConf.select(cfg, name, default=None)
             values[name] = value if isinstance(value, (bool, str)) else float(value) if isinstance(value, (int, float)) else str(value)
         kind = type(values[name])
         try:

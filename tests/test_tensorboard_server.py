@@ -74,8 +74,8 @@ def test_tensorboard_serves_sweep_runs_tags_and_hparams(tmp_path: Path) -> None:
         assert [(h["name"], h.get("differs", False)) for h in infos[:2]] == [("balancer", True), ("surgery", True)]
         assert sorted(infos[1]["domainDiscrete"]) == ["none", "pcgrad"]
         assert not any(h.get("differs", False) for h in infos[2:])
-        assert {"dataset", "backbone", "sharing", "lr", "seed"} <= {h["name"] for h in infos[2:]}
-        assert next(h for h in infos if h["name"] == "lr").get("type") == "DATA_TYPE_FLOAT64"
+        assert {"dataset", "backbone", "sharing", "optimizer.lr", "trainer.seed"} <= {h["name"] for h in infos[2:]}
+        assert next(h for h in infos if h["name"] == "optimizer.lr").get("type") == "DATA_TYPE_FLOAT64"
         metric_tags = {m["name"]["tag"] for m in experiment["metricInfos"]}  # type: ignore[index]
         assert {"hparam/delta_m_pct", "hparam/test/seg/miou", "hparam/test/depth/abs_err"} <= metric_tags
 
