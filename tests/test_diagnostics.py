@@ -104,7 +104,7 @@ def test_run_writes_conflict_report(tmp_path: Path) -> None:
     assert set(report) == {"warmup", "final"}
     assert set(report["final"]["pairs"]) == {"seg~depth", "seg~count", "depth~count"}
     assert report["final"]["recommendation"]
-    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0, "tensors": 0})
+    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0, "tensors": 0})
     acc.Reload()
     assert "cos/seg~depth" in acc.Tags()["scalars"]
     assert "cos_hist/seg~depth" in acc.Tags()["histograms"]
