@@ -37,6 +37,10 @@ ORTHOGONAL_MEAN = 0.1
 SCALE_RATIO = 10.0
 ALIGNED_MEAN = 0.8
 NARROW_SPREAD = 0.1
+#: Diagnostics steps per ``cos_hist`` histogram. A histogram per epoch held one or two
+#: samples with the default settings (a spike, not a distribution); a window of this many
+#: samples is a distribution, and its successive windows show the drift over training.
+HISTOGRAM_WINDOW = 50
 
 
 @dataclass
@@ -133,6 +137,7 @@ class ConflictDiagnostics(Callback):
         self.histograms = histograms
         self.console = console or Console()
         self._epoch: list[Tensor] = []
+        self._window: list[Tensor] = []
         self._all: list[Tensor] = []
         self._losses: list[Tensor] = []
         self._reports: dict[str, Any] = {}
@@ -140,12 +145,13 @@ class ConflictDiagnostics(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "epoch": list(self._epoch), "all": list(self._all), "losses": list(self._losses),
+            "epoch": list(self._epoch), "window": list(self._window), "all": list(self._all), "losses": list(self._losses),
             "reports": dict(self._reports), "not_applicable": self._not_applicable,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._epoch, self._all, self._losses = list(state["epoch"]), list(state["all"]), list(state["losses"])
+        self._window = list(state.get("window", []))  # absent from checkpoints written before windows
         self._reports = dict(state["reports"])
         self._not_applicable = state["not_applicable"]
 
@@ -166,7 +172,10 @@ class ConflictDiagnostics(Callback):
         log.scalars([f"grad_norm/{t}" for t in self.task_names], jacobian.norm(dim=1), step)
         log.scalar("loss_scale_ratio", losses.max() / losses.min().clamp_min(1e-12), step)
         self._epoch.append(cos)
+        self._window.append(cos)
         self._all.append(cos)
+        if len(self._window) >= HISTOGRAM_WINDOW:
+            self._log_histograms(trainer, step)
         self._losses.append(losses.float())
         if step < self.warmup_steps <= step + self.every_n_steps:
             self._report("warmup", trainer, step)
@@ -177,16 +186,22 @@ class ConflictDiagnostics(Callback):
         epoch_cos = torch.stack(self._epoch)  # (steps, pairs)
         step = trainer.state.last_step
         trainer.logger.scalars([f"conflict/{p}" for p in self.pairs], (epoch_cos < 0).float().mean(0), step)
-        if self.histograms:
-            for i, p in enumerate(self.pairs):
-                trainer.logger.histogram(f"cos_hist/{p}", epoch_cos[:, i], step)
         self._epoch.clear()
+
+    def _log_histograms(self, trainer: Trainer, step: int) -> None:
+        """``cos_hist/<pair>`` over the window of diagnostics steps since the last one."""
+        if self.histograms and self._window:
+            window = torch.stack(self._window)  # (steps, pairs)
+            for i, p in enumerate(self.pairs):
+                trainer.logger.histogram(f"cos_hist/{p}", window[:, i], step)
+        self._window.clear()
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self._not_applicable is not None:
             self._reports["not_applicable"] = self._not_applicable
             self._write()
             return
+        self._log_histograms(trainer, trainer.state.last_step)  # the last, partial window
         self._report("final", trainer, trainer.state.last_step)
 
     def _report(self, window: str, trainer: Trainer, step: int) -> None:
