@@ -18,6 +18,16 @@ class NoSurgery(GramianWeighting):
     def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
 
+    def direction(
+        self, jacobian: Tensor, losses: Tensor | None = None, row_scale: Tensor | None = None, *, read_flags: bool = False
+    ) -> Tensor:
+        """The weighted sum, reporting no ``last_weights``: "no surgery" has no effective
+        weights of its own, so a diagnostics step (which takes this path) must not log
+        ``surgery_weight/<task>`` where the other steps of the run do not."""
+        direction = super().direction(jacobian, losses, row_scale, read_flags=read_flags)
+        self.last_weights = None
+        return direction
+
     def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
         self.last_weights = None
         # Like every other method, a row with a non-finite entry is dropped.
