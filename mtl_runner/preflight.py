@@ -194,19 +194,24 @@ def preflight(argv: list[str], config_name: str = "config") -> list[str]:
 
 
 def _check_writable(hydra_node: DictConfig, multirun: bool) -> None:
-    """The output directory Hydra is about to create can be created: probed in its
-    nearest existing ancestor (a directory made and removed at once), so a read-only
+    """The output directory Hydra is about to create can be created, so a read-only
     place fails with one line, not with Hydra's traceback after it has started."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    target = Path(str(OmegaConf.select(hydra_node, key.removeprefix("hydra.")))).absolute()
+    _probe(key, Path(str(OmegaConf.select(hydra_node, key.removeprefix("hydra.")))).absolute())
+
+
+def _probe(key: str, target: Path, remedy: str = "") -> None:
+    """Whether directories can be made where ``target`` is or will be: probed in its
+    nearest existing ancestor (a directory made and removed at once), which catches
+    permissions, read-only mounts and pseudo file systems alike."""
+    remedy = remedy or f"choose another with {key}=DIR"
     existing = next(p for p in (target, *target.parents) if p.exists())
     if not existing.is_dir():
-        fail(f"{key}={target}: {existing} is a file, not a directory; choose another with {key}=DIR")
-    try:  # a real probe: permissions, read-only mounts and pseudo file systems alike
+        fail(f"{key}={target}: {existing} is a file, not a directory; {remedy}")
+    try:
         os.rmdir(tempfile.mkdtemp(prefix=".mtl-run-probe-", dir=existing))
     except OSError as exc:
-        fail(f"{key}={target}: cannot create directories in {existing} ({(exc.strerror or str(exc)).lower()}); "
-             f"choose another with {key}=DIR")
+        fail(f"{key}={target}: cannot create directories in {existing} ({(exc.strerror or str(exc)).lower()}); {remedy}")
 
 
 def _ddp_overrides(cfg: DictConfig, overrides: list[str], multirun: bool) -> list[str]:
@@ -235,6 +240,7 @@ def _resume_run_dir(resume: str, overrides: list[str], multirun: bool) -> list[s
     path = Path(resume).expanduser()
     if not last_checkpoint(path).is_file():
         fail(f"resume={resume}: no checkpoint at {last_checkpoint(path)}; give a run directory of mtl-run")
+    _probe("resume", path.resolve(), "make it writable, or copy the run directory and resume the copy")
     if any(o.startswith("hydra.run.dir=") for o in overrides):
         return []
     return [override("hydra.run.dir", str(path.resolve()))]

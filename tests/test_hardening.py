@@ -10,6 +10,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -224,6 +225,22 @@ def test_an_output_directory_that_cannot_be_created_fails_before_hydra(tmp_path:
     assert code == 2 and "is a file, not a directory" in err
     code, err = preflight_exit(["-m", *TINY, "hydra.sweep.dir=/proc/mtl-run-sweep"], capsys)
     assert code == 2 and err.startswith("mtl-run: error: hydra.sweep.dir=/proc/mtl-run-sweep: cannot create directories in /proc")
+
+
+def test_resuming_a_read_only_run_directory_fails_before_hydra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    io.torch_save(run_dir / "checkpoints" / "last.pt", {})
+    make_dir = tempfile.mkdtemp
+
+    def read_only(prefix: str | None = None, dir: str | Path | None = None) -> str:  # noqa: A002 - mkdtemp's name
+        if dir is not None and Path(dir) == run_dir:
+            raise PermissionError(13, "Permission denied")
+        return make_dir(prefix=prefix, dir=dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)  # tests may run as root: the refusal is simulated
+    code, err = preflight_exit([f"resume={run_dir}"], capsys)
+    assert code == 2 and f"resume={run_dir}: cannot create directories in {run_dir} (permission denied)" in err
 
 
 def test_a_failure_to_record_a_failure_does_not_hide_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
