@@ -14,6 +14,7 @@ import contextlib
 import io
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,7 @@ def overrides(draw: st.DrawFn) -> str:
 
 
 @pytest.fixture(scope="module")
-def empty_cwd() -> Path:
+def empty_cwd() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="mtl-property-") as folder:
         before = Path.cwd()
         os.chdir(folder)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mtl_runner import cli, io
-from mtl_runner.data.multimnist import read_idx, write_idx
+from mtl_runner.data.multimnist import read_idx
 from mtl_runner.errors import DatasetRootError
 from mtl_runner.preflight import override, preflight
 from mtl_runner.report import load_job
