@@ -17,6 +17,10 @@ Reusable pieces, each a function of a pandas ``DataFrame``:
 
 Bad input is one line naming the file, the column (and row, 1-based below the header) and
 what is allowed; the preflight runs the same checks on the header and the first rows.
+
+Why this module is long: it is the one home of the table machinery that three datasets
+share (``table``, ``image_table``, ``text_table``); split up, each piece's checks and
+messages would drift apart.
 """
 
 from __future__ import annotations
