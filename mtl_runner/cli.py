@@ -120,7 +120,7 @@ def _stopped(exc: BaseException, run_dir: Path, task_overrides: list[str]) -> st
         where = f"stopped by {exc}"
         saved = f"checkpoint saved to {checkpoint}" if exc.checkpointed else "this run keeps no checkpoint"
     else:
-        where = "stopped at once by a second interrupt"
+        where = "stopped at once by Ctrl-C (a second one, or outside the training steps)"
         saved = f"the checkpoint {checkpoint} is intact" if checkpoint.is_file() else "no checkpoint had been written yet"
     if not checkpoint.is_file():
         return f"{where}; {saved}"

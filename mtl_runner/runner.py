@@ -80,22 +80,21 @@ def run_experiment(
     cfg: DictConfig, run_dir: Path, run_name: str | None = None, choices: dict[str, str] | None = None,
     swept: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Train, test and write results. SIGINT/SIGTERM stop the run at the next step
-    boundary with a checkpoint (:class:`~mtl_runner.train.interrupt.RunInterrupted`). On
+    """Train, test and write results. SIGINT/SIGTERM during training stop the run at the
+    next step boundary with a checkpoint (:class:`~mtl_runner.train.interrupt.RunInterrupted`). On
     failure or interrupt the run dir records the status (``results.json`` status
     ``failed``/``interrupted``, the traceback of a failure in ``error.txt``) and the
     exception propagates; a failure to write those records is added to the exception's
     notes, never raised in its place."""
     run_dir = Path(run_dir)
     name = run_name or run_dir.name
-    with interrupt.stop_requests() as requests:
-        try:
-            return _run(cfg, run_dir, name, choices, swept, requests)
-        except ConfigError:
-            raise
-        except BaseException as exc:
-            _record_failure(cfg, run_dir, name, exc)
-            raise
+    try:
+        return _run(cfg, run_dir, name, choices, swept)
+    except ConfigError:
+        raise
+    except BaseException as exc:
+        _record_failure(cfg, run_dir, name, exc)
+        raise
 
 
 def _record_failure(cfg: DictConfig, run_dir: Path, name: str, exc: BaseException) -> None:
@@ -114,7 +113,7 @@ def _record_failure(cfg: DictConfig, run_dir: Path, name: str, exc: BaseExceptio
 
 
 def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] | None,
-         swept: dict[str, list[str]] | None, requests: interrupt.StopRequests) -> dict[str, Any]:
+         swept: dict[str, list[str]] | None) -> dict[str, Any]:
     started = time.perf_counter()
     # Under trainer.strategy=ddp every rank trains; rank 0 alone writes and prints.
     group = distributed.init_process_group(cfg.trainer.device) if cfg.trainer.strategy == "ddp" else None
@@ -126,6 +125,7 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
                     resume_step=checkpoint["state"]["step"] if checkpoint else None)
     trainer, taskset, device = run.trainer, run.taskset, run.device
     saver = next((cb.save for cb in trainer.callbacks if isinstance(cb, Checkpointing)), None)
+    requests = interrupt.StopRequests()
     trainer.callbacks.append(interrupt.StopAtSafePoint(requests, saver))
     try:
         data_summary.report(taskset, console, run_dir if main else None)
@@ -137,7 +137,10 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
         records = baselines.ensure_all(cfg, taskset, console) if cfg.baseline.enabled and (main or run.selection) else None
         if run.selection is not None and records:
             run.selection.score = baselines.validation_delta_m_score(taskset.tasks, records)
-        trainer.fit()
+        with requests.active():  # Ctrl-C elsewhere (baselines, evaluation) stops at once
+            trainer.fit()
+        if requests.signum:  # came after the last step: its epoch-end checkpoint is written
+            raise interrupt.RunInterrupted(requests.signum, trainer.state.epoch, trainer.state.step, saver is not None)
         val = trainer.evaluate(trainer.taskset.val)
         test = trainer.test()
         trivial = evaluate_trivial(taskset.tasks, fit_trivial(taskset.tasks, taskset.train, device), taskset.test, device)

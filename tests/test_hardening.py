@@ -105,7 +105,7 @@ def test_sigterm_exits_143_a_requeued_job_resumes_and_a_second_ctrl_c_exits_at_o
         signal_at_step(patched, 3, signal.SIGINT, signal.SIGINT)
         code, err = mtl_run(args, tmp_path, patched, capsys)
     checkpoint = tmp_path / "job" / "checkpoints" / "last.pt"
-    assert code == 130 and err.strip().startswith(f"mtl-run: stopped at once by a second interrupt; the checkpoint {checkpoint} is intact")
+    assert code == 130 and err.strip().startswith(f"mtl-run: stopped at once by Ctrl-C (a second one, or outside the training steps); the checkpoint {checkpoint} is intact")
     assert json.loads((tmp_path / "job" / "results.json").read_text())["status"] == "interrupted"
     assert torch.load(checkpoint, weights_only=False)["state"]["step"] == 2  # the resumed run started there
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

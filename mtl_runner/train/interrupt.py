@@ -1,7 +1,7 @@
 """Ctrl-C and pre-emption: stop at the next step boundary with a checkpoint, not mid-write.
 
-SIGINT (Ctrl-C) and SIGTERM (what SLURM and most schedulers send before they pre-empt or
-cancel a job) only set a flag here; :class:`StopAtSafePoint`, the last callback of the
+During training (:meth:`StopRequests.active`), SIGINT (Ctrl-C) and SIGTERM (what SLURM and
+most schedulers send before they pre-empt or cancel a job) only set a flag here; :class:`StopAtSafePoint`, the last callback of the
 trainer, reads it after each training step, writes ``last.pt`` there and raises
 :class:`RunInterrupted`, which the command line turns into one line with the command that
 resumes the run (exit 130 or 143, the shell's codes for the two signals). A second signal
@@ -25,7 +25,7 @@ import torch
 from mtl_runner.train.state import StepOutcome
 from mtl_runner.train.trainer import Callback, Trainer
 
-__all__ = ["EXIT_CODES", "RunInterrupted", "StopAtSafePoint", "StopRequests", "stop_requests"]
+__all__ = ["EXIT_CODES", "RunInterrupted", "StopAtSafePoint", "StopRequests"]
 
 #: The exit code of a run stopped by each signal: 128 + its number, as a shell reports it.
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -47,7 +47,9 @@ class RunInterrupted(Exception):
 
 
 class StopRequests:
-    """The signal received, if any (set from the handler, read at step boundaries)."""
+    """The signal received during :meth:`active` training, if any (set from the
+    handler, read at step boundaries). Outside it (baselines, evaluation, start-up) the
+    default handling stays: Ctrl-C stops at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -58,21 +60,19 @@ class StopRequests:
             raise KeyboardInterrupt  # the second signal: stop now
         self.signum = signum
 
-
-@contextmanager
-def stop_requests() -> Iterator[StopRequests]:
-    """Route SIGINT and SIGTERM to a flag for the duration (main thread only; elsewhere,
-    e.g. a launcher's worker thread, the default handling stays)."""
-    requests = StopRequests()
-    if threading.current_thread() is not threading.main_thread():
-        yield requests
-        return
-    previous = {sig: signal.signal(sig, requests.handle) for sig in EXIT_CODES}
-    try:
-        yield requests
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Route SIGINT and SIGTERM here for the duration (main thread only; elsewhere,
+        e.g. a launcher's worker thread, the default handling stays)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle) for sig in EXIT_CODES}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class StopAtSafePoint(Callback):
