@@ -99,9 +99,26 @@ def test_min_norm_weights_match_a_projected_gradient_reference(jacobian: Tensor)
     assert torch.allclose(w @ jacobian, reference @ jacobian, atol=1e-5 * jacobian.norm())
 
 
+def test_large_problems_pivot_to_the_exact_optimum_on_the_cpu() -> None:
+    """Beyond MAX_EXACT_TASKS the CPU solve pivots from a cold start (no enumeration to
+    fall back on): it reaches the reference optimum to float64 precision, where the
+    fixed-iteration fallback only approximates it."""
+    jacobian = random_jacobian(3 * simplex.MAX_EXACT_TASKS, 80, seed=5)
+    gramian = jacobian @ jacobian.T
+    w = simplex.min_norm_weights(gramian)
+    reference = qp_min_norm(gramian)
+    assert (w @ gramian @ w).item() == pytest.approx((reference @ gramian @ reference).item(), rel=1e-9)
+    identity = torch.eye(gramian.shape[0], dtype=gramian.dtype)
+    v = simplex.dual_cone_weights(gramian, identity)
+    assert torch.all(v >= identity - 1e-12)
+    multipliers = v @ gramian  # KKT: non-negative, zero where v is above its bound
+    assert torch.all(multipliers >= -1e-9 * gramian.abs().max())
+    assert torch.all((v - identity).abs() * multipliers.abs() <= 1e-9 * gramian.abs().max())
+
+
 def test_projected_gradient_fallback_beyond_exact_size() -> None:
-    """T > MAX_EXACT_TASKS uses the fixed-iteration fallback: same answer on a
-    well-conditioned problem."""
+    """T > MAX_EXACT_TASKS: the pivoting on the CPU (the fixed-iteration fallback for
+    rows that do not settle): same answer on a well-conditioned problem."""
     jacobian = random_jacobian(simplex.MAX_EXACT_TASKS + 2, 40, seed=3)
     gramian = jacobian @ jacobian.T
     w = simplex.min_norm_weights(gramian)
