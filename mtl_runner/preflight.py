@@ -21,6 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.utils import get_object, instantiate
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -133,17 +134,35 @@ def _check_optimizer(node: DictConfig) -> None:
 
 def _sweep_naming(overrides: list[str]) -> list[str]:
     """Name sweep jobs by what varies: overrides shared by every job of the sweep are
-    left out of the job directory name (and so of the TensorBoard run name)."""
+    left out of the job directory name (and so of the TensorBoard run name).
+
+    The name must stay unique, or two jobs would write into one directory: a swept
+    presentation key (``trainer.device=cpu,cuda``) is kept in the name, and where the
+    overrides alone cannot tell jobs apart (a sweeper that draws its own values, such as
+    Optuna, or a value listed twice) the job number leads the name again."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
-    if not swept:  # a one-value "sweep": its job is named by what it sets, not "0_"
-        return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(PRESENTATION_KEYS)}]"]
+    # A sweeper that draws its values (Optuna) sweeps keys that are not on the command line.
+    drawn = any(o.key_or_group in ("hparams_search", "hydra/sweeper") for o in parsed)
     constant = [
         o.key_or_group for o in parsed
         if not o.is_sweep_override() and o.key_or_group not in swept and not o.key_or_group.startswith("hydra")
-    ]
-    excluded = [*PRESENTATION_KEYS, *constant]
-    return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]"]
+    ] if swept or drawn else []  # a one-value "sweep": its job is named by what it sets, not "0_"
+    excluded = dict.fromkeys([*(k for k in PRESENTATION_KEYS if k not in swept), *constant])
+    naming = [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]"]
+    if drawn or any(_repeats_a_value(o) for o in parsed if o.is_sweep_override()):
+        naming.append("hydra.sweep.subdir=${hydra.job.num}_${hydra.job.override_dirname}")
+    return naming
+
+
+def _repeats_a_value(sweep: Override) -> bool:
+    """Whether a sweep override lists one value twice (``lr=0.1,0.1``); a glob or range
+    that cannot be listed here is taken as unique."""
+    try:
+        values = list(sweep.sweep_string_iterator())
+    except Exception:  # noqa: BLE001 - only choice sweeps can be listed without the config
+        return False
+    return len(values) != len(set(values))
 
 
 def preflight(argv: list[str], config_name: str = "config") -> list[str]:

@@ -287,3 +287,13 @@ def test_the_smaller_messages(capsys: pytest.CaptureFixture[str]) -> None:
 def test_a_one_value_sweep_names_its_job_by_its_overrides(capsys: pytest.CaptureFixture[str]) -> None:
     extra = preflight(["-m", *TINY, "trainer.seed=3"])
     assert extra == ["hydra.job.config.override_dirname.exclude_keys=[trainer.progress,trainer.device]"]
+
+
+def test_sweep_job_names_stay_unique() -> None:
+    """Job directories are named by the swept overrides; where those cannot tell two jobs
+    apart, the job number leads again, so no job writes into another's directory."""
+    numbered = "hydra.sweep.subdir=${hydra.job.num}_${hydra.job.override_dirname}"
+    swept_device = preflight(["-m", *TINY, "trainer.device=cpu,auto"])
+    assert "trainer.device" not in swept_device[0] and numbered not in swept_device
+    assert numbered in preflight(["-m", *TINY, "optimizer.lr=0.001,0.001"])
+    assert numbered not in preflight(["-m", *TINY, "optimizer.lr=0.001,0.002"])
