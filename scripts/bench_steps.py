@@ -275,6 +275,17 @@ def torchjd_aggregator(name: str, num_tasks: int) -> object | None:
         "cagrad": lambda: A.CAGrad(c=options.get("c", 0.4)),
         "graddrop": A.GradDrop,
         "gradvac": lambda: A.GradVac(beta=options.get("beta", 0.5)),
+        "config": A.ConFIG,
+        "dualproj": A.DualProj,
+        "fairgrad": lambda: A.FairGrad(alpha=options.get("alpha", 2.0)),
+        "excess_mtl": lambda: A.ExcessMTL(
+            robust_step_size=options.get("robust_step_size", 1.0), n_warmup_steps=options.get("n_warmup_steps", 0),
+        ),
+        "modo": lambda: A.GramianWeightedAggregator(A.MoDoWeighting(gamma=options.get("gamma", 0.1), rho=options.get("rho", 0.1))),
+        "sdmgrad": lambda: A.GramianWeightedAggregator(A.SDMGradWeighting(
+            lr=options.get("lr", 10.0), momentum=options.get("momentum", 0.5), n_iter=options.get("niter", 20),
+            lambda_=options.get("lamda", 0.3),
+        )),
         "nash_mtl": lambda: A.NashMTL(
             n_tasks=num_tasks, max_norm=options.get("max_norm", 1.0),
             update_weights_every=options.get("update_weights_every", 1), optim_niter=options.get("optim_niter", 20),
