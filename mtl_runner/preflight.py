@@ -83,6 +83,13 @@ def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [job for batch in batches for job in batch]
 
 
+def _group_value_error(overrides: list[str]) -> str:
+    """One line for a config group given something other than option names."""
+    groups = [o for o in overrides if (CONF_DIR / o.split("=", 1)[0].lstrip("+~")).is_dir()]
+    named = ", ".join(groups) or " ".join(overrides)
+    return f"{named}: a config group takes option names (group=option, or group=[a,b] where it combines options)"
+
+
 def _explain(exc: Exception, overrides: list[str], config_name: str = "config") -> str:
     """One line for a composition error: which key, what is allowed."""
     if isinstance(exc, MissingConfigException):
@@ -190,6 +197,8 @@ def preflight(argv: list[str], config_name: str = "config") -> list[str]:
                 fail(_explain(exc, job, config_name))
             except ValueError as exc:  # Hydra's own checks, e.g. a group given a number: affinity=0
                 fail(str(exc).splitlines()[0])
+            except TypeError:  # Hydra trips over a group given a list of numbers: +affinity=[0.9]
+                fail(_group_value_error(job))
             try:
                 validate(cfg)
                 # methods check their own arguments (e.g. surgery.c) when constructed: cheap, and before any output

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig
 
@@ -86,8 +86,14 @@ def empty_cwd() -> Iterator[Path]:
 
 
 @pytest.mark.slow
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# CI draws the same 200 cases every time (a red CI names a change, not a lucky draw);
+# locally each run explores new ones. Cases it found once stay as examples.
+@settings(
+    max_examples=200, deadline=None, derandomize=bool(os.environ.get("CI")),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(args=st.lists(overrides(), min_size=1, max_size=3))
+@example(args=["+affinity=[0.9]"])  # a group given numbers tripped Hydra's defaults tree (TypeError)
 def test_any_command_line_exits_0_or_with_one_line(args: list[str], empty_cwd: Path) -> None:
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
