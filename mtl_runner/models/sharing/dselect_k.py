@@ -53,7 +53,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtl_runner.models.sharing.base import BackboneFactory, SharingModel
+from mtl_runner.models.sharing.base import BackboneFactory
+from mtl_runner.models.sharing.mmoe import ExpertPool
 from mtl_runner.tasks import Task
 
 
@@ -75,7 +76,7 @@ class StaticLogits(nn.Module):
         return self.logits.expand(len(x), -1)
 
 
-class DSelectK(SharingModel):
+class DSelectK(ExpertPool):
     def __init__(
         self,
         backbone: BackboneFactory,
@@ -131,10 +132,6 @@ class DSelectK(SharingModel):
             linear.bias[:selector_logits].mul_(0.01)
         return nn.Sequential(nn.Flatten(), linear)
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.experts)
-
     def selector_weights(self, logits: Tensor) -> Tensor:
         """``r(z^(j))`` over the ``2^m`` codes for each of the ``k`` selectors: ``(B, k, 2^m)``."""
         z = logits[:, : self.k * self.num_bits].float().reshape(len(logits), self.k, 1, self.num_bits)
@@ -173,19 +170,6 @@ class DSelectK(SharingModel):
         self._entropy = {}
         self._last_entropy = entropy.detach()
         return self.entropy_reg * entropy
-
-    @property
-    def forward_passes_per_input(self) -> int:
-        return self.num_experts
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        return list(self.experts.parameters())
-
-    def task_parameters(self, task: str) -> list[nn.Parameter]:
-        return [*self.gates[task].parameters(), *self.heads[task].parameters()]
-
-    def last_shared_parameters(self) -> list[nn.Parameter]:
-        return [p for expert in self.experts for p in expert.stages[-1].parameters()]
 
     def diagnostics(self) -> dict[str, Tensor]:
         out = {f"dselect_k/{task}/expert{e}": usage[e] for task, usage in self._usage.items() for e in range(self.num_experts)}

@@ -31,7 +31,35 @@ from mtl_runner.models.sharing.base import BackboneFactory, SharingModel
 from mtl_runner.tasks import Task
 
 
-class MMoE(SharingModel):
+class ExpertPool(SharingModel):
+    """A pool of ``num_experts`` experts shared by every task, each task with its own gate
+    and head (MMoE, DSelect-k): what is shared and what belongs to a task follows from that
+    layout alone, whatever the gate computes. Subclasses set ``experts``, ``gates`` and
+    ``heads``."""
+
+    experts: nn.ModuleList
+    gates: nn.ModuleDict
+    heads: nn.ModuleDict
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def forward_passes_per_input(self) -> int:
+        return self.num_experts
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.experts.parameters())
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        return [*self.gates[task].parameters(), *self.heads[task].parameters()]
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        return [p for expert in self.experts for p in expert.stages[-1].parameters()]
+
+
+class MMoE(ExpertPool):
     def __init__(
         self,
         backbone: BackboneFactory,
@@ -60,10 +88,6 @@ class MMoE(SharingModel):
         self.heads = nn.ModuleDict({t.name: experts[0].make_head(t, input_shape) for t in tasks})
         self._usage: dict[str, Tensor] = {}
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.experts)
-
     def _experts(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Stacked expert outputs ``(E, B, ...)`` and this batch's keep mask ``(B, E)``."""
         outs = torch.stack([expert(x) for expert in self.experts])
@@ -88,19 +112,6 @@ class MMoE(SharingModel):
     def forward_task(self, x: Tensor, task: str) -> Tensor:
         outs, keep = self._experts(x)
         return self.heads[task](self._mix(x, outs, keep, task))
-
-    @property
-    def forward_passes_per_input(self) -> int:
-        return self.num_experts
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        return list(self.experts.parameters())
-
-    def task_parameters(self, task: str) -> list[nn.Parameter]:
-        return [*self.gates[task].parameters(), *self.heads[task].parameters()]
-
-    def last_shared_parameters(self) -> list[nn.Parameter]:
-        return [p for expert in self.experts for p in expert.stages[-1].parameters()]
 
     def diagnostics(self) -> dict[str, Tensor]:
         return {
