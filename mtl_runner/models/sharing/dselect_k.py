@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl_runner.models.sharing.base import BackboneFactory
-from mtl_runner.models.sharing.mmoe import ExpertPool
+from mtl_runner.models.sharing.mmoe import ExpertPool, build_experts
 from mtl_runner.tasks import Task
 
 
@@ -98,12 +98,7 @@ class DSelectK(ExpertPool):
             raise ValueError(f"sharing.gamma must be > 0, got {gamma}")
         if entropy_reg < 0:
             raise ValueError(f"sharing.entropy_reg must be >= 0, got {entropy_reg}")
-        overrides = dict(expert or {})
-        try:
-            experts = [backbone(**overrides) for _ in range(num_experts)]
-        except TypeError as exc:
-            raise ValueError(f"sharing.expert={overrides}: not arguments of the backbone ({exc})") from None
-        self.experts = nn.ModuleList(experts)
+        self.experts = build_experts(backbone, num_experts, expert)
         self.k, self.gamma, self.entropy_reg = int(k), float(gamma), float(entropy_reg)
         self.num_bits = math.ceil(math.log2(num_experts))
         codes = torch.arange(2**self.num_bits)
@@ -113,7 +108,7 @@ class DSelectK(ExpertPool):
         for s in input_shape:
             in_dim *= int(s)
         self.gates = nn.ModuleDict({t.name: self._gate(in_dim, per_example) for t in tasks})
-        self.heads = nn.ModuleDict({t.name: experts[0].make_head(t, input_shape) for t in tasks})
+        self.heads = nn.ModuleDict({t.name: self.experts[0].make_head(t, input_shape) for t in tasks})
         self._usage: dict[str, Tensor] = {}
         self._entropy: dict[str, Tensor] = {}
         self._last_entropy: Tensor | None = None

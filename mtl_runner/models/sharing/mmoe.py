@@ -31,6 +31,16 @@ from mtl_runner.models.sharing.base import BackboneFactory, SharingModel
 from mtl_runner.tasks import Task
 
 
+def build_experts(backbone: BackboneFactory, count: int, expert: dict[str, Any] | None) -> nn.ModuleList:
+    """``count`` experts from the backbone factory; ``expert`` overrides its arguments (a
+    smaller network per expert), and arguments it does not take are a one-line error."""
+    overrides = dict(expert or {})
+    try:
+        return nn.ModuleList(backbone(**overrides) for _ in range(count))
+    except TypeError as exc:
+        raise ValueError(f"sharing.expert={overrides}: not arguments of the backbone ({exc})") from None
+
+
 class ExpertPool(SharingModel):
     """A pool of ``num_experts`` experts shared by every task, each task with its own gate
     and head (MMoE, DSelect-k): what is shared and what belongs to a task follows from that
@@ -74,18 +84,13 @@ class MMoE(ExpertPool):
             raise ValueError(f"sharing.num_experts must be >= 1, got {num_experts}")
         if not 0.0 <= expert_dropout < 1.0:
             raise ValueError(f"sharing.expert_dropout must be in [0, 1), got {expert_dropout}")
-        overrides = dict(expert or {})
-        try:
-            experts = [backbone(**overrides) for _ in range(num_experts)]
-        except TypeError as exc:
-            raise ValueError(f"sharing.expert={overrides}: not arguments of the backbone ({exc})") from None
-        self.experts = nn.ModuleList(experts)
+        self.experts = build_experts(backbone, num_experts, expert)
         self.expert_dropout = float(expert_dropout)
         in_dim = 1
         for s in input_shape:
             in_dim *= int(s)
         self.gates = nn.ModuleDict({t.name: nn.Sequential(nn.Flatten(), nn.Linear(in_dim, num_experts)) for t in tasks})
-        self.heads = nn.ModuleDict({t.name: experts[0].make_head(t, input_shape) for t in tasks})
+        self.heads = nn.ModuleDict({t.name: self.experts[0].make_head(t, input_shape) for t in tasks})
         self._usage: dict[str, Tensor] = {}
 
     def _experts(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
