@@ -76,10 +76,12 @@ class ExcessMTL(Surgery):
             raise ValueError(f"surgery=excess_mtl was not set up for {size} tasks: call setup(num_tasks, generator) first")
         finite = torch.isfinite(jacobian).all(1)
         jacobian = torch.where(finite[:, None], jacobian, torch.zeros_like(jacobian))
-        squares = self.statistics["squares"]
         squared = jacobian * jacobian
-        squares = squared if squares is None else squares.to(squared) + squared
-        excess = torch.where(squares > 0, squared / torch.where(squares > 0, squares, 1).sqrt(), 0).sum(1)
+        squares = self.statistics["squares"]
+        # Accumulated in place: the T x P statistic is the method's one large buffer. Where
+        # it is 0 so is this step's square (0 / 0): such coordinates count 0.
+        squares = squared.clone() if squares is None else squares.to(squared).add_(squared)
+        excess = (squared / squares.sqrt()).nan_to_num_(nan=0.0).sum(1)
         step = self.statistics["step"] + 1
         log_weights = self.statistics["log_weights"].to(excess)
         if step <= self.n_warmup_steps:
