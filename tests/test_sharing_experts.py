@@ -6,8 +6,6 @@ its parent choices), their statistics in TensorBoard, end-to-end runs and exact 
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -20,43 +18,21 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mtl_runner import build
 from mtl_runner.cli import CONF_DIR
 from mtl_runner.config import ConfigError
-from mtl_runner.data.base import TaskSet
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.models.sharing.dselect_k import DSelectK, smooth_step
 from mtl_runner.models.sharing.learning_to_branch import LearningToBranch
 from mtl_runner.runner import run_experiment
 from tests.conftest import TINY, compose_config
+from tests.test_sharing import _taskset
+from tests.test_sharing import _config as sharing_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXPERTS = ["cgc", "ple", "dselect_k", "learning_to_branch"]
-BASES = {
-    "small_cnn": [*TINY, "dataset.image_size=16", "dataset.num_train=32", "trainer.device=cpu"],
-    "mlp": [
-        "dataset=controlled", "dataset.num_train=32", "dataset.num_val=16", "dataset.num_test=16", "dataset.d=16",
-        "dataset.k=4", "backbone=mlp", "backbone.hidden=[16,16]", "trainer.epochs=1", "trainer.batch_size=16",
-        "trainer.progress=off", "trainer.device=cpu", "baseline=off",
-    ],
-}
-
-
-@functools.cache
-def _base(base: str) -> DictConfig:
-    return compose_config(BASES[base])
 
 
 def _config(base: str, sharing: str, values: dict[str, Any] | None = None) -> DictConfig:
-    """The base with ``sharing``'s YAML loaded into its node, as Hydra's composition does."""
-    cfg = copy.deepcopy(_base(base))
-    cfg["sharing"] = OmegaConf.load(CONF_DIR / "sharing" / f"{sharing}.yaml")
-    for key, value in (values or {}).items():
-        OmegaConf.update(cfg, key, value, force_add=True)
-    return cfg
-
-
-@functools.cache
-def _taskset(base: str) -> TaskSet:
-    return build.build_taskset(_base(base))
+    return sharing_config(base, {"sharing": sharing}, values)
 
 
 def _build(base: str, sharing: str, values: dict[str, Any] | None = None, seed: int = 0) -> SharingModel:
