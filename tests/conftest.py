@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import ModuleType
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,19 @@ class FixedWeights(Balancer):
 
     def weights(self, losses: torch.Tensor) -> torch.Tensor:
         return self.w.to(losses)
+
+
+@contextmanager
+def refusing_host_reads(monkeypatch: pytest.MonkeyPatch, what: str, modules: Sequence[ModuleType]) -> Iterator[None]:
+    """Inside: any read of a tensor back to the host fails, and ``modules`` see a device
+    (their ``host_resident`` says no), as on a GPU where such a read would sync the step."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{what} reads a tensor back to the host per step")
+
+    with monkeypatch.context() as patch:
+        for module in modules:
+            patch.setattr(module, "host_resident", lambda tensor: False)
+        for attr in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+            patch.setattr(torch.Tensor, attr, refuse)
+        yield

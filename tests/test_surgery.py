@@ -31,7 +31,7 @@ from mtl_runner.optim.surgery.imtl_g import IMTLG
 from mtl_runner.optim.surgery.mgda import MGDA
 from mtl_runner.optim.surgery.upgrad import UPGrad
 from mtl_runner.runner import run_experiment
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, refusing_host_reads
 
 MINE = ["pcgrad", "mgda", "cagrad", "imtl_g", "upgrad", "aligned_mtl"]
 ALL_YAMLS = sorted(p.stem for p in (CONF_DIR / "surgery").glob("*.yaml"))
@@ -527,14 +527,7 @@ def test_no_host_sync_per_step(name: str, monkeypatch: pytest.MonkeyPatch) -> No
     surgery = make(name, 4)
     surgery(jacobian, losses)  # warm caches (support masks) and hints
 
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"surgery={name} reads a tensor back to the host per step")
-
-    with monkeypatch.context() as patch:
-        for module in (simplex, nash_mtl):
-            patch.setattr(module, "host_resident", lambda tensor: False)
-        for attr in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
-            patch.setattr(torch.Tensor, attr, refuse)
+    with refusing_host_reads(monkeypatch, f"surgery={name}", [simplex, nash_mtl]):
         surgery(jacobian, losses)
 
 

@@ -23,7 +23,7 @@ from mtl_runner.optim.surgery.base import GramianWeighting, Surgery
 from mtl_runner.optim.surgery.excess_mtl import ExcessMTL
 from mtl_runner.optim.surgery.moco import MoCo
 from mtl_runner.runner import run_experiment
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, refusing_host_reads
 
 aggregation = pytest.importorskip("torchjd.aggregation")
 
@@ -379,14 +379,7 @@ def test_no_host_sync_per_step(name: str, monkeypatch: pytest.MonkeyPatch) -> No
     surgery = make(name, 4)
     surgery(jacobian, torch.ones(4))
 
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"surgery={name} reads a tensor back to the host per step")
-
-    with monkeypatch.context() as patch:
-        for module in (simplex, fairgrad):
-            patch.setattr(module, "host_resident", lambda tensor: False)
-        for attr in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
-            patch.setattr(torch.Tensor, attr, refuse)
+    with refusing_host_reads(monkeypatch, f"surgery={name}", [simplex, fairgrad]):
         surgery(jacobian, torch.ones(4))
 
 
