@@ -76,9 +76,10 @@ class StopRequests:
 
 
 class StopAtSafePoint(Callback):
-    """After each training step: if a stop was requested (on any rank), save the
-    checkpoint with ``save`` (the run's :meth:`Checkpointing.save
-    <mtl_runner.train.callbacks.Checkpointing.save>`; none: the run keeps none) and raise :class:`RunInterrupted`. Goes last among the
+    """After each training step (under ddp: each logged step, where all ranks agree): if a
+    stop was requested (on any rank), save the checkpoint with ``save`` (the run's
+    :meth:`Checkpointing.save <mtl_runner.train.callbacks.Checkpointing.save>`; none: the
+    run keeps none) and raise :class:`RunInterrupted`. Goes last among the
     callbacks, so the step's curves and counters are complete in the checkpoint."""
 
     def __init__(self, requests: StopRequests, save: Callable[[Trainer], None] | None) -> None:
@@ -88,6 +89,10 @@ class StopAtSafePoint(Callback):
     def on_train_batch_end(self, trainer: Trainer, outcome: StepOutcome) -> None:
         signum = self.requests.signum or 0
         if trainer.distributed is not None:
+            # The ranks agree on a stop where the step reads its flags back anyway (the
+            # log interval), not with a collective and a host read on every step.
+            if outcome.step % trainer.settings.log_every_n_steps:
+                return
             flag = torch.tensor([float(signum)], device=trainer.device)
             trainer.distributed.sum_([flag])
             signum = int(flag.item()) and (self.requests.signum or int(signal.SIGTERM))
