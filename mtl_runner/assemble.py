@@ -110,6 +110,7 @@ def build_run(
         wired += [ConflictDiagnostics(
             taskset.task_names, cfg.diagnostics.every_n_steps, cfg.diagnostics.warmup_steps, files_dir,
             space=surgery.space, histograms=cfg.diagnostics.histograms, console=console,
+            dense_steps=cfg.diagnostics.dense_steps,
         ), SharingDiagnostics()]
     wired += [*finetune_callbacks, *callbacks, TrainingLog()]
     selection = None

@@ -118,6 +118,7 @@ class DiagnosticsConfig:
     """Types of ``diagnostics.*``; values in ``conf/diagnostics/*.yaml``."""
 
     every_n_steps: int = MISSING
+    dense_steps: int = MISSING
     warmup_steps: int = MISSING
     histograms: bool = MISSING
 
@@ -202,6 +203,7 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
      "delta_m_pct, tasks.<task>.metrics.<metric>.<mtl|delta_pct>, test_losses.<task>)"),
     ("optimizer.lr", lambda v: math.isfinite(v) and v > 0, "a finite float > 0"),
     ("diagnostics.every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 turns diagnostics off)"),
+    ("diagnostics.dense_steps", lambda v: v >= 0, "an integer >= 0 (0: no dense phase)"),
     ("diagnostics.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
     ("baseline.root", lambda v: bool(v.strip()), "a directory path for the baseline cache"),
     ("finetune.freeze_stages", lambda v: v >= 0, "an integer >= 0 (0: nothing frozen)"),

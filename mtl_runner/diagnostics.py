@@ -1,12 +1,15 @@
 """Gradient-conflict diagnostics: cosine statistics, the conflict report and its advice.
 
-Every ``every_n_steps`` the engine is asked for the per-task gradients (it reuses the
-step's Jacobian when the surgery computed one anyway), and this callback logs the
-pairwise cosines of the task gradients on the shared parameters, the gradient norms and
-the loss-scale ratio; per epoch a histogram and the fraction of conflicting (negative)
-cosines per pair. At the end of the warm-up window and of the run it writes a report
-(rich table, ``diagnostics.json``, TensorBoard text) with a recommendation from the
-decision rule in docs/methods.md.
+On every step of the first ``dense_steps`` and then every ``every_n_steps`` (the
+diagnostics steps) the engine is asked for the per-task gradients (it reuses the step's
+Jacobian when the surgery computed one anyway), and this callback logs the pairwise
+cosines of the task gradients on the shared parameters, the gradient norms, the
+loss-scale ratio and the fraction of negative cosines over the last
+``HISTOGRAM_WINDOW`` diagnostics steps; histograms of the cosines per window of
+diagnostics steps; per epoch the fraction of conflicting (negative) cosines per pair, as
+scalars and as a text table with bars. At the end of the warm-up window and of the run
+it writes a report (rich table, ``diagnostics.json``, TensorBoard text) with a
+recommendation from the decision rule in docs/methods.md.
 
 In the features space (``surgery.space=features``) the rows are gradients of the shared
 representation rather than of the shared parameters; the report says which.
@@ -37,10 +40,14 @@ ORTHOGONAL_MEAN = 0.1
 SCALE_RATIO = 10.0
 ALIGNED_MEAN = 0.8
 NARROW_SPREAD = 0.1
-#: Diagnostics steps per ``cos_hist`` histogram. A histogram per epoch held one or two
-#: samples with the default settings (a spike, not a distribution); a window of this many
-#: samples is a distribution, and its successive windows show the drift over training.
+#: Diagnostics steps per ``cos_hist`` histogram and per ``conflict_recent`` fraction. A
+#: histogram per epoch held one or two samples with the sparse schedule (a spike, not a
+#: distribution); a window of this many samples is a distribution, and its successive
+#: windows show the drift over training.
 HISTOGRAM_WINDOW = 50
+#: Characters of a full bar in the per-epoch conflict table; eighth blocks below one.
+BAR_WIDTH = 20
+_EIGHTHS = "▏▎▍▌▋▊▉"
 
 
 @dataclass
@@ -105,6 +112,14 @@ def rule_candidates(finding: str) -> list[tuple[str, ...]]:
     }.get(finding, [])
 
 
+def fraction_bar(fraction: float) -> str:
+    """A horizontal text bar ``BAR_WIDTH`` characters long at fraction 1, to the eighth of a
+    character: TensorBoard draws scalars as smoothed lines only, and a per-epoch fraction
+    is a value per epoch, which a bar shows as it is."""
+    full, part = divmod(round(fraction * BAR_WIDTH * 8), 8)
+    return "█" * full + (_EIGHTHS[part - 1] if part else "")
+
+
 def pair_stats(cosines: Tensor) -> PairStats:
     """Statistics of one pair's cosines over logged steps (a 1-D tensor)."""
     values = cosines.double()
@@ -126,11 +141,13 @@ class ConflictDiagnostics(Callback):
         space: str = "params",
         histograms: bool = True,
         console: Console | None = None,
+        dense_steps: int = 0,
     ) -> None:
         self.task_names = task_names
         self.pairs = pair_names(task_names)
         self.index = torch.triu_indices(len(task_names), len(task_names), offset=1)
         self.every_n_steps = every_n_steps
+        self.dense_steps = dense_steps
         self.warmup_steps = warmup_steps
         self.run_dir = run_dir
         self.space = space
@@ -156,7 +173,21 @@ class ConflictDiagnostics(Callback):
         self._not_applicable = state["not_applicable"]
 
     def wants_jacobian(self, step: int) -> bool:
-        return self.every_n_steps > 0 and self._not_applicable is None and step % self.every_n_steps == 0
+        """Whether ``step`` is a diagnostics step: every step of the dense phase, then every
+        ``every_n_steps``; ``every_n_steps == 0`` turns both off."""
+        if self.every_n_steps == 0 or self._not_applicable is not None:
+            return False
+        return step < self.dense_steps or step % self.every_n_steps == 0
+
+    def _next_diagnostics_step(self, step: int) -> int:
+        if step + 1 < self.dense_steps:
+            return step + 1
+        return (step // self.every_n_steps + 1) * self.every_n_steps
+
+    def _closes_window(self, step: int) -> bool:
+        """A histogram's samples are spaced alike: its window is full, or the dense phase
+        ends here (the next samples are ``every_n_steps`` apart)."""
+        return len(self._window) >= HISTOGRAM_WINDOW or (step == self.dense_steps - 1 and self.every_n_steps > 1)
 
     def on_step(self, trainer: Trainer, step: int, losses: Tensor, weights: Tensor, grads: StepGradients) -> None:
         if not self.wants_jacobian(step) or grads.jacobian is None:
@@ -174,10 +205,12 @@ class ConflictDiagnostics(Callback):
         self._epoch.append(cos)
         self._window.append(cos)
         self._all.append(cos)
-        if len(self._window) >= HISTOGRAM_WINDOW:
+        recent = torch.stack(self._all[-HISTOGRAM_WINDOW:])  # (steps, pairs)
+        log.scalars([f"conflict_recent/{p}" for p in self.pairs], (recent < 0).float().mean(0), step)
+        if self._closes_window(step):
             self._log_histograms(trainer, step)
         self._losses.append(losses.float())
-        if step < self.warmup_steps <= step + self.every_n_steps:
+        if step < self.warmup_steps <= self._next_diagnostics_step(step):
             self._report("warmup", trainer, step)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
@@ -185,8 +218,17 @@ class ConflictDiagnostics(Callback):
             return
         epoch_cos = torch.stack(self._epoch)  # (steps, pairs)
         step = trainer.state.last_step
-        trainer.logger.scalars([f"conflict/{p}" for p in self.pairs], (epoch_cos < 0).float().mean(0), step)
+        fractions = (epoch_cos < 0).float().mean(0)
+        trainer.logger.scalars([f"conflict/{p}" for p in self.pairs], fractions, step)
+        if trainer.logger.enabled:
+            trainer.logger.text("conflict_report/epoch", self._epoch_table(epoch, fractions.tolist(), len(self._epoch)), step)
         self._epoch.clear()
+
+    def _epoch_table(self, epoch: int, fractions: list[float], steps: int) -> str:
+        lines = [f"**epoch {epoch + 1}**: fraction of negative cosines over its {steps} diagnostics steps", "",
+                 "| pair | frac < 0 | |", "|---|---|---|"]
+        lines += [f"| {p} | {f:.0%} | `{fraction_bar(f)}` |" for p, f in zip(self.pairs, fractions)]
+        return "\n".join(lines)
 
     def _log_histograms(self, trainer: Trainer, step: int) -> None:
         """``cos_hist/<pair>`` over the window of diagnostics steps since the last one."""
@@ -250,15 +292,19 @@ class ConflictDiagnostics(Callback):
 def custom_scalars_layout(task_names: tuple[str, ...]) -> dict[str, Any]:
     """TensorBoard CUSTOM SCALARS, one chart per quantity so that the runs of a sweep are
     the lines: a chart per task pair for the cosines (all pairs of all runs in one chart
-    is a tangle), and per-task charts for gradient norms and losses, whose magnitudes
-    differ by orders between tasks (depth's 17-37 against a classifier's 1-2 would
-    flatten the others on a shared linear axis)."""
+    is a tangle) and their conflict fractions, and per-task charts for gradient norms and
+    losses, whose magnitudes differ by orders between tasks (depth's 17-37 against a
+    classifier's 1-2 would flatten the others on a shared linear axis). The conflict
+    fractions charted are the dense ``conflict_recent`` ones: the per-epoch ``conflict``
+    scalars are a few points per run, which TensorBoard's smoothing bends into values
+    that never occurred."""
     def exact(tag: str) -> list[str]:
         return [f"^{re.escape(tag)}$"]
 
     return {
         "gradient cosines": {f"cos {p}": ["Multiline", exact(f"cos/{p}")] for p in pair_names(task_names)},
-        "conflict fraction (per epoch)": {f"conflict {p}": ["Multiline", exact(f"conflict/{p}")] for p in pair_names(task_names)},
+        f"conflict fraction (last {HISTOGRAM_WINDOW} diagnostics steps)": {
+            f"conflict {p}": ["Multiline", exact(f"conflict_recent/{p}")] for p in pair_names(task_names)},
         "gradient norms": {f"grad_norm {t}": ["Multiline", exact(f"grad_norm/{t}")] for t in task_names},
         "train losses": {**{f"loss {t}": ["Multiline", exact(f"loss/train/{t}")] for t in task_names},
                          "loss total": ["Multiline", exact("loss/train/total")]},

@@ -11,11 +11,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mtl_runner.diagnostics import ConflictDiagnostics, PairStats, recommend
+from mtl_runner import diagnostics
+from mtl_runner.diagnostics import ConflictDiagnostics, PairStats, custom_scalars_layout, fraction_bar, recommend
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.uniform import Uniform
-from mtl_runner.optim.jacobian import GradientEngine
+from mtl_runner.optim.jacobian import GradientEngine, StepGradients
 from mtl_runner.optim.surgery.none import NoSurgery
+from mtl_runner.preflight import preflight
 from mtl_runner.runner import run_experiment
 from mtl_runner.tasks import Task
 from mtl_runner.train.logger import RunLogger
@@ -72,6 +74,85 @@ def test_cosines_equal_hand_computed_values(tmp_path: Path) -> None:
     assert norms["t1"] == pytest.approx(2 * 2 * math.sqrt(2), rel=1e-6)
     report = json.loads((tmp_path / "diagnostics.json").read_text())["final"]
     assert report["pairs"]["t0~t2"]["frac_negative"] == 1.0
+
+
+# Two tasks whose gradients conflict (cosine -1) on the steps listed and agree (+1) on the others.
+CONFLICTING = {1, 2, 5, 12}
+
+
+def _feed(diag: ConflictDiagnostics, tmp_path: Path, steps: int, steps_per_epoch: int) -> EventAccumulator:
+    """Drive the callback as the trainer does, with known per-task gradients."""
+    logger = RunLogger(tmp_path / "tb")
+    trainer = SimpleNamespace(logger=logger, state=SimpleNamespace(step=0, last_step=0))
+    for step in range(steps):
+        trainer.state.last_step = step
+        if diag.wants_jacobian(step):
+            rows = torch.tensor([[1.0, 0.0], [-1.0 if step in CONFLICTING else 1.0, 0.0]])
+            diag.on_step(trainer, step, torch.ones(2), torch.ones(2), StepGradients(jacobian=rows))  # type: ignore[arg-type]
+        if step % steps_per_epoch == steps_per_epoch - 1:
+            diag.on_epoch_end(trainer, step // steps_per_epoch)  # type: ignore[arg-type]
+    diag.on_fit_end(trainer)  # type: ignore[arg-type]
+    logger.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_dense_phase_then_sparse_schedule_windows_and_recent_fraction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step of the dense phase, then every ``every_n_steps``; a histogram closes when
+    its window is full or the dense phase ends; ``conflict_recent`` is the fraction of
+    negative cosines over the last window of diagnostics steps, at every one of them."""
+    monkeypatch.setattr(diagnostics, "HISTOGRAM_WINDOW", 4)
+    diag = ConflictDiagnostics(("a", "b"), every_n_steps=4, warmup_steps=5, run_dir=tmp_path, dense_steps=6)
+    acc = _feed(diag, tmp_path, steps=20, steps_per_epoch=10)
+
+    diagnosed = [0, 1, 2, 3, 4, 5, 8, 12, 16]
+    assert [e.step for e in acc.Scalars("cos/a~b")] == diagnosed
+    negative = [step in CONFLICTING for step in diagnosed]
+    recent = [sum(negative[max(0, i - 3): i + 1]) / len(negative[max(0, i - 3): i + 1]) for i in range(len(diagnosed))]
+    assert [e.value for e in acc.Scalars("conflict_recent/a~b")] == pytest.approx(recent)
+    # full window (0-3), the dense phase's end (4-5), the run's end (8, 12, 16)
+    assert [(e.step, e.histogram_value.num) for e in acc.Histograms("cos_hist/a~b")] == [(3, 4), (5, 2), (19, 3)]
+    # per epoch: steps 0-5 and 8 (3 of 7 negative), then 12 and 16 (1 of 2)
+    assert [(e.step, e.value) for e in acc.Scalars("conflict/a~b")] == [(9, pytest.approx(3 / 7)), (19, 0.5)]
+    table = acc.Tensors("conflict_report/epoch/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "**epoch 1**" in table and "over its 7 diagnostics steps" in table
+    assert f"| a~b | 43% | `{fraction_bar(3 / 7)}` |" in table
+    report = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert report["warmup"]["step"] == 4 and report["warmup"]["pairs"]["a~b"]["steps"] == 5  # the steps before step 5
+
+
+def test_every_n_steps_0_turns_the_dense_phase_off_too() -> None:
+    diag = ConflictDiagnostics(("a", "b"), every_n_steps=0, warmup_steps=0, run_dir=None, dense_steps=200)
+    assert not any(diag.wants_jacobian(step) for step in range(300))
+
+
+def test_without_a_dense_phase_the_schedule_is_every_n_steps_from_step_0() -> None:
+    diag = ConflictDiagnostics(("a", "b"), every_n_steps=10, warmup_steps=0, run_dir=None)
+    assert [step for step in range(35) if diag.wants_jacobian(step)] == [0, 10, 20, 30]
+
+
+def test_fraction_bar_has_eighth_character_resolution() -> None:
+    assert fraction_bar(0.0) == ""
+    assert fraction_bar(1.0) == "█" * diagnostics.BAR_WIDTH
+    assert fraction_bar(0.5) == "█" * (diagnostics.BAR_WIDTH // 2)
+    assert fraction_bar(1 / 16) == "█▎"  # 1.25 characters of 20
+
+
+def test_custom_scalars_chart_the_dense_conflict_fractions() -> None:
+    layout = custom_scalars_layout(("a", "b", "c"))
+    charts = layout[f"conflict fraction (last {diagnostics.HISTOGRAM_WINDOW} diagnostics steps)"]
+    assert charts["conflict a~c"] == ["Multiline", ["^conflict_recent/a\\~c$"]]
+    assert len(charts) == 3
+
+
+def test_negative_dense_steps_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        preflight(["diagnostics.dense_steps=-1"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "diagnostics.dense_steps" in lines[0] and "an integer >= 0" in lines[0], lines
 
 
 def _stats(mean: float, std: float, frac: float) -> PairStats:
