@@ -25,7 +25,7 @@ import math
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,7 @@ def _train(cfg: DictConfig, task_name: str, directory: Path, taskset: TaskSet | 
     io.write_json(directory / RECORD_FILE, {
         "format": CACHE_FORMAT,
         "task": task_name,
-        "task_spec": {**asdict(task), "class_names": list(task.class_names)},
+        "task_spec": task.spec(),
         "input_shape": list(single.input_shape),
         "vocab_size": single.vocab_size,
         "metrics": record.metrics,

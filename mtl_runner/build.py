@@ -28,13 +28,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _instantiate(node: DictConfig, key: str, **runtime: Any) -> Any:
+def _instantiate(node: DictConfig, key: str, recursive: bool = True, **runtime: Any) -> Any:
     """Instantiate a group, turning the target's own argument checks into ConfigErrors.
 
     Runtime objects (tasks, factories) are passed to the callable directly rather than
-    through Hydra, which would convert them into configs."""
+    through Hydra, which would convert them into configs. ``recursive=False`` hands nested
+    ``_target_`` nodes over as plain dicts, for a target that builds them itself."""
     try:
-        return instantiate(node, _convert_="all", _partial_=True)(**runtime)
+        return instantiate(node, _convert_="all", _partial_=True, _recursive_=recursive)(**runtime)
     except ConfigError:
         raise
     except Exception as exc:
@@ -48,7 +49,9 @@ def _instantiate(node: DictConfig, key: str, **runtime: Any) -> Any:
 
 def build_taskset(cfg: DictConfig) -> TaskSet:
     """The dataset, with the auxiliary task of ``+aux=...`` added when one is chosen."""
-    taskset = _instantiate(cfg.dataset, "dataset").with_num_workers(cfg.trainer.num_workers)
+    # A dataset builds its tasks' nested nodes (a loss or metric by _target_, with keys such as
+    # higher_is_better that are not the target's) itself, the same way in the preflight.
+    taskset = _instantiate(cfg.dataset, "dataset", recursive=False).with_num_workers(cfg.trainer.num_workers)
     if cfg.get("aux") is not None:
         taskset = _instantiate(cfg.aux, "aux", taskset=taskset)
     return taskset

@@ -8,17 +8,25 @@ Metrics accumulate on the model's device (confusion matrices, sums, histograms) 
 read back once per evaluation, so evaluation never synchronises per batch.
 
 Missing labels: a class target of :data:`IGNORE_INDEX` or a NaN float target marks an
-example (or a label of a multilabel task) as unlabelled. Every kind's loss is the mean over
-the labelled entries of the batch (0, with a zero gradient, when a batch has none) and its
-metrics skip them; both are computed with masks, never with a host-side test.
+example (or a label of a multilabel task) as unlabelled (depth: 0, normals: a zero vector).
+Every kind's loss is the mean over the labelled entries of the batch (0, with a zero
+gradient, when a batch has none) and its metrics skip them; both are computed with masks,
+never with a host-side test. :func:`loss_terms` gives the sum and the count behind that
+mean, so an evaluation can take the exact mean over a whole split.
+
+A task may add metrics of its own (:class:`~mtl_runner.task_targets.UserMetric`, by
+``_target_``); they see the labelled entries that :func:`labelled_entries` selects.
+
+Why this module is long: each kind's labelled mask, loss and metric
+accumulator are defined together here, so a kind's definitions cannot drift apart.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +34,10 @@ from torch import Tensor
 
 from mtl_runner.scores import BinaryAccumulator, MultilabelAccumulator
 from mtl_runner.spans import ChunkCounter
+from mtl_runner.task_targets import UserMetric
 
 __all__ = [
-    "Task", "TaskKind", "Metric", "MetricAccumulator", "task_loss",
+    "Task", "TaskKind", "Metric", "MetricAccumulator", "task_loss", "loss_terms", "labelled_entries",
     "METRICS", "AVAILABLE_METRICS", "ACCUMULATORS", "DENSE_KINDS", "REGRESSION_KINDS", "TOKEN_KINDS", "IGNORE_INDEX",
 ]
 
@@ -60,8 +69,9 @@ class Task:
     tasks are trained and logged but excluded from Δm. ``loss_name`` selects the loss among
     those defined for the kind (see :func:`task_loss`). ``metric_names`` chooses which of
     the kind's metrics (:data:`AVAILABLE_METRICS`) are reported and enter Δm; empty means
-    the kind's defaults (:data:`METRICS`). ``loss_fn`` replaces the kind's loss with any
-    callable ``(pred, target) -> per-entry losses`` (see :func:`task_loss`).
+    the kind's defaults (:data:`METRICS`). ``user_metrics`` come after those, with their own
+    directions; their names must differ from the kind's metrics. ``loss_fn`` replaces the
+    kind's loss with any callable ``(pred, target) -> per-entry losses`` (see :func:`task_loss`).
     """
 
     name: str
@@ -72,6 +82,12 @@ class Task:
     class_names: tuple[str, ...] = field(default=())
     metric_names: tuple[str, ...] = field(default=())
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = field(default=None, compare=False)
+    user_metrics: tuple[UserMetric, ...] = field(default=(), compare=False)
+
+    def spec(self) -> dict[str, Any]:
+        """The task as JSON data, from which ``Task(**spec)`` rebuilds its head's shape (a
+        baseline's record). Callables (its own loss and metrics) are configuration, not data."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self) if f.compare}
 
     @property
     def is_dense(self) -> bool:
@@ -87,20 +103,29 @@ class Task:
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
-        if not self.metric_names:
-            return METRICS[self.kind]
+        """Every reported metric with its direction: the one list Δm, the deltas, the
+        results and the report read."""
         available = {m.name: m for m in AVAILABLE_METRICS[self.kind]}
         unknown = [name for name in self.metric_names if name not in available]
         if unknown:
             raise ValueError(
                 f"task {self.name!r} ({self.kind}): unknown metric {unknown[0]!r}; allowed: {', '.join(available)}"
             )
-        return tuple(available[name] for name in self.metric_names)
+        clash = [m.name for m in self.user_metrics if m.name in available]
+        if clash:
+            raise ValueError(f"task {self.name!r}: metric {clash[0]!r} of its own has the name of a built-in {self.kind} metric; rename it")
+        builtin = tuple(available[name] for name in self.metric_names) if self.metric_names else METRICS[self.kind]
+        return builtin + tuple(Metric(m.name, m.higher_is_better) for m in self.user_metrics)
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return task_loss(self, pred, target)
 
+    def loss_terms(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        return loss_terms(self, pred, target)
+
     def accumulator(self, device: torch.device) -> MetricAccumulator:
+        if self.user_metrics:
+            return _WithUserMetrics(self, device)
         return ACCUMULATORS[self.kind](self, device)
 
 
@@ -134,55 +159,80 @@ def _valid_depth(target: Tensor) -> Tensor:
     return target > 0
 
 
+def labelled_mask(task: Task, target: Tensor) -> Tensor:
+    """Which targets carry a label: per entry, or per pixel for normals (shape ``(B, H, W)``)."""
+    if not target.is_floating_point():
+        return target != IGNORE_INDEX
+    if task.kind == "depth":
+        return _valid_depth(target)
+    if task.kind == "normals":
+        return target.abs().sum(1) > 0
+    return ~target.isnan()
+
+
+def labelled_entries(task: Task, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The labelled predictions and targets of a batch, as a metric of one's own sees them,
+    and their count: class scores ``(n, C)`` with labels ``(n,)`` (classification,
+    segmentation per pixel, token kinds per token); normals ``(n, 3)`` per pixel; every
+    other kind its labelled entries, flattened to ``(n,)``. Predictions are the head's raw
+    outputs (scores, logits for binary and multilabel)."""
+    mask = labelled_mask(task, target)
+    if task.kind in ("segmentation", "normals"):  # channels first: one row per pixel
+        labels = target.movedim(1, -1) if task.kind == "normals" else target
+        return pred.movedim(1, -1)[mask], labels[mask], mask.sum()
+    class_scores = not target.is_floating_point() and pred.dim() == target.dim() + 1
+    scores = pred if class_scores else pred.reshape(target.shape)
+    return scores[mask], target[mask], mask.sum()
+
+
 def task_loss(task: Task, pred: Tensor, target: Tensor) -> Tensor:
-    """The standard loss of each task kind (as in the MTAN/LibMTL protocols).
+    """The mean loss over the batch's labelled entries, 0 (with a zero gradient) when none."""
+    total, count = loss_terms(task, pred, target)
+    return total / count.clamp_min(1)
+
+
+def loss_terms(task: Task, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """The standard loss of each task kind (as in the MTAN/LibMTL protocols), as the sum of
+    its per-entry values over the labelled entries and their count.
 
     Depth uses L1 over valid pixels by default (``loss_name="mse"`` for squared error);
     normals use ``1 - cos`` over valid pixels (target norm > 0); segmentation ignores
     pixels labelled :data:`IGNORE_INDEX`. A task's own ``loss_fn`` takes precedence.
     """
     if task.loss_fn is not None:
-        return _custom_loss(task, pred, target)
+        return _custom_loss_terms(task, pred, target)
     kind = task.kind
+    labelled = labelled_mask(task, target)
     if kind in ("segmentation", "classification"):
-        labelled = (target != IGNORE_INDEX).sum()
         total = F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
-        return total / labelled.clamp_min(1)
-    if kind in TOKEN_KINDS:
+    elif kind in TOKEN_KINDS:
         # (B, L, C) scores of (B, L) tags; padding and non-first sub-words are IGNORE_INDEX
         total = F.cross_entropy(pred.float().flatten(0, -2), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return total / (target != IGNORE_INDEX).sum().clamp_min(1)
-    if kind == "depth":
-        valid = _valid_depth(target)
-        diff = (pred.float() - target)[valid]
-        if diff.numel() == 0:
-            return pred.sum() * 0.0
-        return diff.pow(2).mean() if task.loss_name == "mse" else diff.abs().mean()
-    if kind == "normals":
-        pred_n = F.normalize(pred.float(), dim=1)
-        valid = target.abs().sum(1) > 0
-        cos = (pred_n * target).sum(1)[valid]
-        if cos.numel() == 0:
-            return pred.sum() * 0.0
-        return (1.0 - cos).mean()
-    if kind == "regression":
-        labelled = ~target.isnan()
+    elif kind == "depth":
+        diff = torch.where(labelled, pred.float() - target, 0.0)
+        total = (diff.pow(2) if task.loss_name == "mse" else diff.abs()).sum()
+    elif kind == "normals":
+        cos = (F.normalize(pred.float(), dim=1) * target).sum(1)
+        total = torch.where(labelled, 1.0 - cos, 0.0).sum()
+    elif kind == "regression":
         diff = torch.where(labelled, pred.float().reshape(target.shape) - target.nan_to_num(), 0.0)
-        error = diff.abs() if task.loss_name == "l1" else diff.pow(2)
-        return error.sum() / labelled.sum().clamp_min(1)
-    if kind in ("binary", "multilabel"):
-        labelled = ~target.isnan()
+        total = (diff.abs() if task.loss_name == "l1" else diff.pow(2)).sum()
+    elif kind in ("binary", "multilabel"):
         logits = pred.float().reshape(target.shape)
         bce = F.binary_cross_entropy_with_logits(logits, target.nan_to_num(), reduction="none")
-        return torch.where(labelled, bce, 0.0).sum() / labelled.sum().clamp_min(1)
-    raise ValueError(f"unknown task kind {kind!r}")
+        total = torch.where(labelled, bce, 0.0).sum()
+    else:
+        raise ValueError(f"unknown task kind {kind!r}")
+    return total, labelled.sum()
 
 
-def _custom_loss(task: Task, pred: Tensor, target: Tensor) -> Tensor:
-    """``task.loss_fn`` on every entry, then the mean over the labelled ones. The callable
-    sees unlabelled targets replaced by 0 and must return one loss per target entry (a
+def _custom_loss_terms(task: Task, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``task.loss_fn`` on every entry, summed over the labelled ones. The callable sees
+    unlabelled targets replaced by 0 and must return one loss per target entry (a
     ``torch.nn`` loss with ``reduction="none"``), so masking needs no host sync."""
-    labelled = ~target.isnan() if target.is_floating_point() else target != IGNORE_INDEX
+    labelled = labelled_mask(task, target)
+    if task.kind == "normals":
+        labelled = labelled.unsqueeze(1).expand_as(target)
     class_scores = not target.is_floating_point() and pred.dim() == target.dim() + 1
     losses = task.loss_fn(pred.float() if class_scores else pred.float().reshape(target.shape), torch.where(labelled, target, 0))  # type: ignore[misc]
     if losses.shape != target.shape:
@@ -190,7 +240,7 @@ def _custom_loss(task: Task, pred: Tensor, target: Tensor) -> Tensor:
             f"task {task.name!r}: its loss must return one value per target entry, shape {tuple(target.shape)}, "
             f"got {tuple(losses.shape)} (a torch.nn loss needs reduction: none)"
         )
-    return torch.where(labelled, losses, 0.0).sum() / labelled.sum().clamp_min(1)
+    return torch.where(labelled, losses, 0.0).sum(), labelled.sum()
 
 
 class _ConfusionAccumulator:
@@ -322,6 +372,29 @@ class _SpanAccumulator:
 
     def compute(self) -> dict[str, float]:
         return self.counter.compute()
+
+
+class _WithUserMetrics:
+    """The kind's accumulator and the task's own metrics. The additive tensors of both are
+    attributes here too, because ddp sums an accumulator's tensor attributes over ranks
+    (``train/distributed.py``) and updates them in place."""
+
+    def __init__(self, task: Task, device: torch.device) -> None:
+        self.task = task
+        self.builtin = ACCUMULATORS[task.kind](task, device)
+        self.user = {m.name: m.accumulator(device) for m in task.user_metrics}
+        additive = [v for acc in (self.builtin, *self.user.values()) for v in vars(acc).values() if isinstance(v, Tensor)]
+        for index, tensor in enumerate(additive):
+            setattr(self, f"statistic_{index}", tensor)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        self.builtin.update(pred, target)
+        labelled_pred, labelled_target, count = labelled_entries(self.task, pred, target)
+        for accumulator in self.user.values():
+            accumulator.update(labelled_pred, labelled_target, count)
+
+    def compute(self) -> dict[str, float]:
+        return {**self.builtin.compute(), **{name: accumulator.compute() for name, accumulator in self.user.items()}}
 
 
 ACCUMULATORS = {

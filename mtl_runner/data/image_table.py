@@ -189,7 +189,7 @@ def image_table(
         if spec.kind in DENSE:
             if spec.kind == "segmentation" and not spec.num_classes:
                 raise ConfigError(f"dataset.tasks.{spec.name}.num_classes is required for a segmentation task")
-            task = Task(spec.name, spec.kind, int(spec.num_classes or 1), metric_names=spec.metrics, **spec.loss_arguments)  # type: ignore[arg-type]
+            task = Task(spec.name, spec.kind, int(spec.num_classes or 1), **spec.task_arguments)  # type: ignore[arg-type]
             for s, frame in frames.items():
                 dense[s][spec.name] = (task, frame[spec.columns[0]].astype(str).tolist())
         else:

@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from hydra.utils import instantiate
 from torch import Tensor
 
 from mtl_runner.data.base import TaskSet, TensorSplit
 from mtl_runner.data.roots import expand_root, root_check
 from mtl_runner.errors import ConfigError, DatasetRootError
-from mtl_runner.tasks import IGNORE_INDEX, Task
+from mtl_runner.task_targets import UserMetric, build_callable, parse_metrics
+from mtl_runner.tasks import AVAILABLE_METRICS, IGNORE_INDEX, Task
 
 SPLITS = ("train", "val", "test")
 KINDS = ("classification", "binary", "multilabel", "regression")
@@ -121,11 +121,13 @@ class TaskSpec:
     num_classes: int | None = None
     metrics: tuple[str, ...] = ()
     loss: str | Callable[[Tensor, Tensor], Tensor] = "default"
+    user_metrics: tuple[UserMetric, ...] = ()
 
     @property
-    def loss_arguments(self) -> dict[str, Any]:
-        """:class:`~mtl_runner.tasks.Task`'s loss keywords: a variant's name or a callable."""
-        return {"loss_fn": self.loss} if callable(self.loss) else {"loss_name": self.loss}
+    def task_arguments(self) -> dict[str, Any]:
+        """:class:`~mtl_runner.tasks.Task`'s keywords for metrics and loss (a variant's name or a callable)."""
+        loss = {"loss_fn": self.loss} if callable(self.loss) else {"loss_name": self.loss}
+        return {"metric_names": self.metrics, "user_metrics": self.user_metrics, **loss}
 
 
 def parse_tasks(tasks: Mapping[str, Any] | None, kinds: Sequence[str] = KINDS) -> list[TaskSpec]:
@@ -151,13 +153,14 @@ def parse_tasks(tasks: Mapping[str, Any] | None, kinds: Sequence[str] = KINDS) -
             claimed[column] = name
         if kind in ("binary", "classification") and len(columns) != 1:
             raise ConfigError(f"dataset.tasks.{name}: a {kind} task reads one column, got {columns}")
-        metrics = settings.get("metrics") or ()
+        metrics, user_metrics = parse_metrics(f"dataset.tasks.{name}.metrics", settings.get("metrics"),
+                                              [m.name for m in AVAILABLE_METRICS[kind]])
         loss = settings.get("loss", "default")
-        if isinstance(loss, Mapping) and "_target_" in loss:  # the preflight's plain config; a run's is instantiated by Hydra
-            loss = instantiate(loss)
+        if isinstance(loss, Mapping):
+            loss = build_callable(f"dataset.tasks.{name}.loss", loss)
         if not (isinstance(loss, str) or callable(loss)):
             raise ConfigError(f"dataset.tasks.{name}.loss: a loss variant's name or {{_target_: <callable>, ...}}, got {loss!r}")
-        specs.append(TaskSpec(str(name), kind, tuple(columns), settings.get("num_classes"), tuple(metrics), loss))
+        specs.append(TaskSpec(str(name), kind, tuple(columns), settings.get("num_classes"), metrics, loss, user_metrics))
     return specs
 
 
@@ -190,7 +193,7 @@ def encode_targets(
                     raise ConfigError(f"{file}: column {col.name!r} row {r} ({s}): {col.iloc[r - 1]!r}; a regression target must be a finite number or empty")
             values = np.stack([n.to_numpy(dtype=np.float32) for n in numeric], axis=1)
             targets[s] = torch.from_numpy(values[:, 0] if values.shape[1] == 1 else values)
-        task = Task(spec.name, "regression", len(spec.columns), metric_names=spec.metrics, **spec.loss_arguments)
+        task = Task(spec.name, "regression", len(spec.columns), **spec.task_arguments)
         return task, targets
     if spec.kind == "multilabel":
         targets = {}
@@ -202,8 +205,7 @@ def encode_targets(
                 r, j = np.argwhere(bad)[0]
                 raise ConfigError(f"{file}: column {spec.columns[j]!r} row {r + 1} ({s}): {raw[s][j].iloc[r]!r}; a multilabel column holds 0, 1 or nothing")
             targets[s] = torch.from_numpy(values)
-        return Task(spec.name, "multilabel", len(spec.columns), class_names=spec.columns, metric_names=spec.metrics,
-                    **spec.loss_arguments), targets
+        return Task(spec.name, "multilabel", len(spec.columns), class_names=spec.columns, **spec.task_arguments), targets
     # classification and binary: one column of labels
     series = {s: cols[0] for s, cols in raw.items()}
     present = pd.concat([v.dropna() for v in series.values()])
@@ -214,7 +216,7 @@ def encode_targets(
             raise ConfigError(f"{where}: a binary task needs exactly two distinct labels, found {len(distinct)} ({distinct[:5]})")
         codes = {v: float(i) for i, v in enumerate(distinct)}
         targets = {s: torch.tensor(v.map(codes).to_numpy(dtype=np.float32, na_value=np.nan)) for s, v in series.items()}
-        return Task(spec.name, "binary", 1, class_names=tuple(map(str, distinct)), metric_names=spec.metrics, **spec.loss_arguments), targets
+        return Task(spec.name, "binary", 1, class_names=tuple(map(str, distinct)), **spec.task_arguments), targets
     if len(distinct) < 2:
         raise ConfigError(f"{where}: a classification task needs at least two classes, found {len(distinct)} ({distinct})")
     if numeric:
@@ -231,7 +233,7 @@ def encode_targets(
         names = tuple(map(str, distinct))
         codes = {v: i for i, v in enumerate(distinct)}
         targets = {s: torch.tensor(v.map(codes).fillna(IGNORE_INDEX).to_numpy(dtype=np.int64)) for s, v in series.items()}
-    return Task(spec.name, "classification", len(names), class_names=names, metric_names=spec.metrics, **spec.loss_arguments), targets
+    return Task(spec.name, "classification", len(names), class_names=names, **spec.task_arguments), targets
 
 
 def _matches(columns: Sequence[str], patterns: Sequence[str]) -> list[str]:

@@ -283,10 +283,11 @@ class Trainer:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.settings.precision):
                 outputs = {name: out.float() for name, out in self.model.predict(inputs).items()}
-            # Per-task example counts: a multi-input batch holds a different number per task.
-            n = torch.tensor([len(targets[t.name]) for t in self.tasks], dtype=torch.float64, device=self.device)
-            loss_sum += torch.where(n > 0, self.compute_losses(outputs, targets).double() * n, 0.0)
-            count = count + n
+            # The exact mean over the split's labelled entries: sums and counts of entries, not
+            # batch means (batches differ in how many labels they hold).
+            terms = [task.loss_terms(outputs[task.name], targets[task.name]) for task in self.tasks]
+            loss_sum += torch.stack([total for total, _ in terms]).double()
+            count = count + torch.stack([labelled for _, labelled in terms]).double()
             for task in self.tasks:
                 accumulators[task.name].update(outputs[task.name], targets[task.name])
         if self.distributed is not None:
