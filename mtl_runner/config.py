@@ -76,6 +76,7 @@ class TrainerConfig:
 
     epochs: int = _ge(1, "an integer >= 1")
     batch_size: int = _ge(1, "an integer >= 1")
+    max_batches_per_epoch: Optional[int] = _setting(lambda v: v is None or v >= 1, "null (the whole epoch) or an integer >= 1")
     eval_batch_size: int = _ge(1, "an integer >= 1")
     device: str = _setting(lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N")
     seed: int = MISSING

@@ -21,7 +21,7 @@ from mtl_runner.train.reference import evaluate_trivial, fit_trivial
 
 #: Config sections that must match between a run and its resumption (epochs may grow).
 RESUME_MUST_MATCH = ("dataset", "backbone", "sharing", "balancer", "surgery", "optimizer", "trainer.seed",
-                     "trainer.batch_size", "trainer.lr_schedule", "trainer.warmup_epochs",
+                     "trainer.batch_size", "trainer.max_batches_per_epoch", "trainer.lr_schedule", "trainer.warmup_epochs",
                      "trainer.lr_step_epochs", "trainer.lr_step_gamma", "finetune")
 
 

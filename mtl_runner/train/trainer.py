@@ -134,7 +134,8 @@ class Trainer:
             groups.append(group)
         self.optimizer = optimizer_factory(groups)
         self.guard = NonFiniteGuard(self.tasks, self.optimizer, settings, self.scaler, device)
-        self.steps_per_epoch = max(1, math.ceil(len(taskset.train) / settings.batch_size))
+        full_epoch = max(1, math.ceil(len(taskset.train) / settings.batch_size))
+        self.steps_per_epoch = min(full_epoch, settings.max_batches_per_epoch or full_epoch)  # also the schedule's epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, settings, self.steps_per_epoch))
         self.state = FitState()
 
@@ -213,8 +214,7 @@ class Trainer:
         return self.state
 
     def _remaining_batches(self) -> Iterator[Batch]:
-        """The current epoch's batches not trained on yet: all of them, or after a resume
-        mid-epoch the rest of that epoch's order, replayed from its data state."""
+        """This epoch's ``steps_per_epoch`` batches not trained on yet (after a mid-epoch resume: the rest, replayed)."""
         state = self.state
         if state.batch_in_epoch == 0:
             state.epoch_data_state = self.data_generator.get_state()
@@ -224,7 +224,7 @@ class Trainer:
             assert state.epoch_data_state is not None
             self.data_generator.set_state(state.epoch_data_state)
         batches = self.taskset.train.batches(self.settings.batch_size, shuffle=True, generator=self.data_generator, device=self.device)
-        return itertools.islice(batches, state.batch_in_epoch, None)
+        return itertools.islice(batches, state.batch_in_epoch, self.steps_per_epoch)
 
     def _train_batch(self, batch: Batch) -> None:
         outcome = self.train_step(batch)
