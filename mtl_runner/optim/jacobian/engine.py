@@ -50,6 +50,12 @@ class GradientEngine:
             )
         if distributed is not None and self.features_space:
             raise ValueError("surgery.space=features is not supported with trainer.strategy=ddp yet: use surgery.space=params")
+        if surgery.task_subset is not None and balancer.requires_grads is not None:
+            name = type(balancer).__module__.rsplit(".", 1)[-1]
+            raise ValueError(
+                f"surgery.task_subset computes the rows of a few tasks per step, but balancer={name} reads every "
+                "task's gradient rows: use a loss-based balancer (uniform, uncertainty, dwa, rlw, ...) or task_subset=null"
+            )
         self.distributed = distributed
         self.balancer_params = [p for p in balancer.parameters() if p.requires_grad]
         #: Set by :meth:`forward` when it split at the shared representation, taken by the
@@ -140,6 +146,8 @@ class GradientEngine:
             self._plain.backward(ctx, extra)
             return StepGradients(jacobian=losses.new_zeros((losses.shape[0], 0)) if wants_full else None)
         if wants_full:
+            if isinstance(self._full, ParamsPath):
+                return self._full.backward(ctx, extra, all_rows=need_jacobian)
             return self._full.backward(ctx, extra)
         if self.balancer.requires_grads == "last_shared":
             self._last_shared.backward(ctx, extra)

@@ -3,7 +3,8 @@
 - :class:`PlainPath`: one backward of ``sum_t w_t L_t`` (nothing per task is needed);
 - :class:`LastSharedPath`: a balancer that reads the per-task gradients of the last
   shared layer (GradNorm with ``surgery=none``) gets them, then the plain path;
-- :class:`ParamsPath`: the Jacobian ``J`` of the shared parameters, the surgery's
+- :class:`ParamsPath`: the Jacobian ``J`` of the shared parameters (or, with
+  ``surgery.task_subset``, the rows of this step's sampled tasks), the surgery's
   direction from it, heads their own task's weighted gradient;
 - :class:`FeaturesPath`: the per-task gradients of the shared representation ``z``, the
   surgery's row weights from their Gramian, then one weighted backward through the
@@ -104,7 +105,16 @@ class Direction:
         self.balancer = balancer
         self.surgery = surgery
 
-    def __call__(self, ctx: StepContext, jacobian: Tensor, last_rows: Callable[[Tensor], Tensor]) -> Tensor:
+    def __call__(
+        self, ctx: StepContext, jacobian: Tensor, last_rows: Callable[[Tensor], Tensor], subset: Tensor | None = None
+    ) -> Tensor:
+        """``subset``: the step's sampled tasks, whose rows ``jacobian`` holds (the engine
+        admits a subset only for a row weighting and a balancer that reads no rows)."""
+        if subset is not None:
+            assert isinstance(self.surgery, GramianWeighting) and self.balancer.requires_grads is None
+            return self.surgery.sampled_direction(
+                jacobian, subset, ctx.w.shape[0], ctx.observed, ctx.w.to(jacobian.dtype), read_flags=jacobian.device.type == "cpu"
+            )
         requirement = self.balancer.requires_grads
         if requirement == "shared":
             return self.surgery(self.balancer.scale_rows(jacobian, ctx.observed, ctx.weights), ctx.observed)
@@ -125,21 +135,31 @@ class ParamsPath:
         self.direction = direction
         self.reduction = reduction
 
-    def backward(self, ctx: StepContext, extra: Tensor | None) -> StepGradients:
+    def backward(self, ctx: StepContext, extra: Tensor | None, *, all_rows: bool = False) -> StepGradients:
+        """``all_rows``: the step's callbacks read every task's row (a diagnostics step).
+        With a task subset the rows of all tasks are then computed and the direction
+        still comes from the sampled ones, so that what a run learns does not depend on
+        when its diagnostics look; on the other steps only the sampled rows exist, and
+        the result carries no Jacobian."""
+        num_tasks = ctx.losses.shape[0]
+        subset = self.direction.surgery.sample_tasks(num_tasks)
         # Nothing backpropagates through the losses after the rows (the penalty, if any, is
         # its own graph, kept to be safe): the passes free the graph as they go.
         rows = self.rows.rows(
-            ctx.losses, self.params.shared, ctx.scale, with_heads=True, retain=extra is not None, through=ctx.split
+            ctx.losses, self.params.shared, ctx.scale, with_heads=True, retain=extra is not None, through=ctx.split,
+            subset=None if all_rows else subset,
         )
         jacobian, head_grads = mean_over_ranks(self.reduction, *rows)
-        direction = self.direction(ctx, jacobian, self._last_rows)
+        sampled = jacobian if subset is None or not all_rows else jacobian[subset.to(jacobian.device)]
+        direction = self.direction(ctx, sampled, self._last_rows, subset)
         if direction.untyped_storage().data_ptr() == jacobian.untyped_storage().data_ptr():
             direction = direction.clone()  # .grad gets views of it: never of the returned J
         assign(self.params.shared, direction)
         assign_heads(self.params.task_params, head_grads, ctx.w)
         if extra is not None:
             extra.backward()
-        return StepGradients(jacobian=jacobian, surgery_weights=self.direction.surgery.last_weights)
+        full = jacobian if subset is None or all_rows else None
+        return StepGradients(jacobian=full, surgery_weights=self.direction.surgery.last_weights)
 
     def _last_rows(self, jacobian: Tensor) -> Tensor:
         return jacobian[:, self.params.last_columns.to(jacobian.device)]

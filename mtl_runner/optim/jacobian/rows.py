@@ -8,6 +8,11 @@ passes). At a split of the forward (one detached copy of ``z`` per head) one bac
 of the summed losses gives every task's row of ``z`` and its head's gradients, and the
 encoder turns the rows into ``J`` (one batched pass or ``T`` passes, as the strategy
 says).
+
+With a task subset (``surgery.task_subset``, docs/methods.md#task-subsets) only the
+sampled tasks' rows are computed, so the encoder is run ``k`` times instead of ``T``;
+every head still gets its task's gradient (a pass that stops at the head, or the one
+pass through the heads at a split).
 """
 
 from __future__ import annotations
@@ -43,20 +48,25 @@ class TaskRows:
         with_heads: bool,
         retain: bool = True,
         through: Split | None = None,
+        subset: Tensor | None = None,
     ) -> tuple[Tensor, HeadGrads]:
         """Unweighted per-task gradients of ``targets`` as a ``(T, P)`` matrix, and each
         task's gradients of its own head parameters (when ``with_heads``), of the true
         (unscaled) losses. ``retain``: keep the graph for a later backward (else the
         passes free it as they go). ``through``: the forward's split; the rows of the
         representation then come from one pass through the heads and are carried through
-        the encoder ``z -> targets``."""
+        the encoder ``z -> targets``. ``subset``: the tasks whose rows are computed (a
+        CPU index tensor, increasing), the matrix then ``(k, P)`` in that order; the
+        head gradients are every task's either way."""
         strategy = self.choice.choose()
         with self.choice.timed(strategy, on_cuda=bool(targets) and targets[0].is_cuda):
             if through is None:
-                result = self._from_losses(losses, targets, with_heads, retain, strategy, scale)
+                result = self._from_losses(losses, targets, with_heads, retain, strategy, scale, subset)
             else:
                 z, leaves = through
                 z_rows, head_grads = self.leaf_rows(losses, leaves, scale)
+                if subset is not None:
+                    z_rows = z_rows[subset.to(z_rows.device)]
                 result = (self._through_encoder(z, z_rows, targets, retain, strategy), head_grads)
         return scale.unscale_rows_(*result)
 
@@ -81,22 +91,30 @@ class TaskRows:
         return z_rows, head_grads
 
     def _from_losses(
-        self, losses: Tensor, targets: list[Tensor], with_heads: bool, retain: bool, strategy: str, scale: LossScale
+        self,
+        losses: Tensor,
+        targets: list[Tensor],
+        with_heads: bool,
+        retain: bool,
+        strategy: str,
+        scale: LossScale,
+        subset: Tensor | None,
     ) -> tuple[Tensor, HeadGrads]:
         """From each task's own loss (its gradient edge) when ``losses`` is a stack of
-        them; otherwise the strategy's way from the loss vector."""
+        them; otherwise the strategy's way from the loss vector (with a subset, per-task
+        passes: the batched pass's identity cotangents would cover every task)."""
         edges = task_edges(losses)
         if edges is not None:
-            return self._sequential(edges, losses, targets, with_heads, retain, scale)
+            return self._sequential(edges, losses, targets, with_heads, retain, scale, subset)
         losses = scale.scaled(losses)
-        if strategy == "batched":
+        if strategy == "batched" and subset is None:
             try:
                 result = self._batched(losses, targets, with_heads, retain or not self.choice.batched_proven)
                 self.choice.batched_proven = True
                 return result
             except RuntimeError:  # an op without a batching rule for vmap
                 self.choice.batched_failed()
-        return self._sequential(list(losses), losses, targets, with_heads, retain, LossScale())
+        return self._sequential(list(losses), losses, targets, with_heads, retain, LossScale(), subset)
 
     def _through_encoder(self, z: Tensor, z_rows: Tensor, targets: list[Tensor], retain: bool, strategy: str) -> Tensor:
         """``J`` of ``targets`` from the rows of the representation: ``T`` vector-Jacobian
@@ -127,28 +145,36 @@ class TaskRows:
         with_heads: bool,
         retain: bool,
         scale: LossScale,
+        subset: Tensor | None = None,
     ) -> tuple[Tensor, HeadGrads]:
         """One pass per task from ``outputs[t]`` (the scalar loss, or its gradient edge,
-        seeded with the scale; None: the loss does not depend on anything trained)."""
+        seeded with the scale; None: the loss does not depend on anything trained). A
+        task outside ``subset`` gets a pass to its head parameters only, which autograd
+        prunes to the head: it never reaches the encoder."""
         num_tasks = losses.shape[0]
-        jacobian = empty_rows(num_tasks, targets)
+        sampled = None if subset is None else set(subset.tolist())
+        jacobian = empty_rows(num_tasks if subset is None else subset.numel(), targets)
         seed = scale.seed(losses)
         head_grads = []
+        row = 0
         for t, name in enumerate(self.task_params):
             own = self.task_params[name] if with_heads else []
+            shared = targets if sampled is None or t in sampled else []
             output = outputs[t]
-            if output is None:
-                grads: tuple[Tensor | None, ...] = (None,) * (len(targets) + len(own))
+            if output is None or not shared + own:
+                grads: tuple[Tensor | None, ...] = (None,) * (len(shared) + len(own))
             else:
                 if isinstance(output, GradientEdge):
                     cotangent = seed if seed is not None else torch.ones((), dtype=losses.dtype, device=losses.device)
                 else:
                     cotangent = None
                 grads = torch.autograd.grad(
-                    output, targets + own, cotangent, retain_graph=retain or t < num_tasks - 1, allow_unused=True
+                    output, shared + own, cotangent, retain_graph=retain or t < num_tasks - 1, allow_unused=True
                 )
-            write_rows(jacobian[t], grads[: len(targets)], targets)
-            head_grads.append(list(grads[len(targets) :]))
+            if shared:
+                write_rows(jacobian[row], grads[: len(shared)], shared)
+                row += 1
+            head_grads.append(list(grads[len(shared) :]))
         return jacobian, head_grads
 
     def _batched(self, losses: Tensor, targets: list[Tensor], with_heads: bool, retain: bool) -> tuple[Tensor, HeadGrads]:

@@ -30,10 +30,10 @@ class AlignedMTL(GramianWeighting):
     which on CUDA is one device synchronisation per step.
     """
 
-    def __init__(self, scale_mode: ScaleMode = "min", space: Space = "params") -> None:
+    def __init__(self, scale_mode: ScaleMode = "min", space: Space = "params", task_subset: int | None = None) -> None:
         if scale_mode not in ("min", "median", "rmse"):
             raise ValueError(f"surgery.scale_mode must be min, median or rmse, got {scale_mode!r}")
-        super().__init__(space)
+        super().__init__(space, task_subset)
         self.scale_mode = scale_mode
 
     def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:

@@ -17,6 +17,15 @@ gradient has a non-finite entry is dropped (weight 0, its row and column of the 
 zeroed before :meth:`~GramianWeighting.solve` sees it), so that one bad task does not
 turn the whole direction into NaN. ``surgery(J)``, ``surgery.weights(M)`` and the
 engine's calls all go through it; a subclass never filters on its own.
+
+``task_subset=k`` (opt-in, docs/methods.md#task-subsets) makes a row weighting an
+estimator: per step the engine computes the rows of ``k`` tasks drawn uniformly without
+replacement (:meth:`Surgery.sample_tasks`), the method solves on their ``k x k`` Gramian,
+and :meth:`GramianWeighting.sampled_direction` scales the result by ``T / k``, so that
+the sum (``none``'s weights) is estimated without bias and every method keeps the scale
+convention. Only methods without state carried across steps allow it
+(:attr:`Surgery.allows_task_subset`): a state indexed by task would be updated from a
+different subset every step.
 """
 
 from __future__ import annotations
@@ -44,8 +53,11 @@ class Surgery:
     needs_jacobian: bool = True
     #: Whether the method is a pure re-weighting of the rows (features space allowed).
     is_row_weighting: bool = False
+    #: Whether ``task_subset`` may be set: the method re-weights rows and carries no
+    #: state from one step to the next (see the module docstring).
+    allows_task_subset: bool = False
 
-    def __init__(self, space: Space = "params") -> None:
+    def __init__(self, space: Space = "params", task_subset: int | None = None) -> None:
         if space not in ("params", "features"):
             raise ValueError(f"surgery.space must be 'params' or 'features', got {space!r}")
         if space == "features" and not self.is_row_weighting:
@@ -54,12 +66,31 @@ class Surgery:
                 f"{type(self).__name__} works on J itself, so use surgery.space=params"
             )
         self.space: Space = space
+        self.task_subset = _checked_task_subset(self, task_subset)
         self.generator: torch.Generator | None = None
+        #: Draws the task subsets: a CPU generator of its own (the engine needs the
+        #: subset on the host to choose its passes, and the run's generator keeps the
+        #: same stream with and without subsets), seeded from the run's generator, so
+        #: that a seed reproduces a run and every ddp rank draws the same subsets.
+        self.subset_generator: torch.Generator | None = None
         self.last_weights: Tensor | None = None
 
     def setup(self, num_tasks: int, generator: torch.Generator | None) -> None:
         """Called once by the engine with the number of tasks and the run's RNG."""
         self.generator = generator
+        if self.task_subset is not None:
+            seed = generator.initial_seed() if generator is not None else 0
+            self.subset_generator = torch.Generator().manual_seed(seed + _SUBSET_SEED_OFFSET)
+
+    def sample_tasks(self, num_tasks: int) -> Tensor | None:
+        """This step's task subset: ``k`` distinct task indices in increasing order (a
+        CPU tensor), uniformly at random; None when every task is used (no
+        ``task_subset``, or ``k >= T``: the exact method, no draw)."""
+        if self.task_subset is None or self.task_subset >= num_tasks:
+            return None
+        if self.subset_generator is None:  # setup() was not called: user code
+            self.subset_generator = torch.Generator().manual_seed(_SUBSET_SEED_OFFSET)
+        return torch.randperm(num_tasks, generator=self.subset_generator)[: self.task_subset].sort().values
 
     def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
         raise NotImplementedError
@@ -89,14 +120,22 @@ class GramianWeighting(Surgery):
     """
 
     is_row_weighting = True
+    #: True for a stateless weighting; a subclass that carries per-task state across
+    #: steps (EMA targets, warm starts that decide the result) sets it False.
+    allows_task_subset = True
     support: Tensor | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"support": None if self.support is None else self.support.clone()}
+        state: dict[str, Any] = {"support": None if self.support is None else self.support.clone()}
+        if self.subset_generator is not None:
+            state["subset_rng"] = self.subset_generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         support = state.get("support")  # absent from checkpoints of earlier versions
         self.support = None if support is None else support.clone()
+        if self.subset_generator is not None and state.get("subset_rng") is not None:
+            self.subset_generator.set_state(state["subset_rng"])
 
     def hint(self, shape: tuple[int, ...]) -> Tensor | None:
         """The last support, if it fits this solve's shape (else nothing to try)."""
@@ -154,6 +193,75 @@ class GramianWeighting(Surgery):
         if not (read_flags and bool(finite.all())):
             jacobian = torch.nan_to_num(jacobian, nan=0.0, posinf=0.0, neginf=0.0)
         return (weights if row_scale is None else weights * row_scale) @ jacobian
+
+    def sampled_direction(
+        self,
+        rows: Tensor,
+        subset: Tensor,
+        num_tasks: int,
+        losses: Tensor | None = None,
+        row_scale: Tensor | None = None,
+        *,
+        read_flags: bool = False,
+    ) -> Tensor:
+        """The task-subset estimator (docs/methods.md#task-subsets): ``rows`` are the
+        ``k`` sampled tasks' rows (``subset``'s order), ``losses`` and ``row_scale`` are
+        for all ``T`` tasks. The method solves the ``k``-task problem, and the result is
+        multiplied by ``T / k``: for the sum (weights 1) the expectation over subsets is
+        the exact ``J.sum(0)``, and a convex-combination method stays on ``T``'s scale.
+        ``last_weights`` is ``(T,)``: ``T / k`` times the method's weight for a sampled
+        task, 0 for the others, so its mean over steps is the expected weight."""
+        index = subset.to(rows.device)
+        direction = self.direction(
+            rows,
+            None if losses is None else losses[index.to(losses.device)],
+            None if row_scale is None else row_scale[index.to(row_scale.device)],
+            read_flags=read_flags,
+        )
+        factor = num_tasks / subset.numel()
+        sampled = self.last_weights
+        if sampled is not None:
+            self.last_weights = sampled.new_zeros(num_tasks).index_copy_(0, index.to(sampled.device), factor * sampled)
+        return factor * direction
+
+
+#: Offsets the subset generator's seed from the run's method generator (seed + 1), so the
+#: two streams differ; the value itself has no meaning.
+_SUBSET_SEED_OFFSET = 7919
+
+
+def _checked_task_subset(surgery: Surgery, task_subset: int | None) -> int | None:
+    """``surgery.task_subset``'s value rules, one line each (see the module docstring)."""
+    if task_subset is None:
+        return None
+    if isinstance(task_subset, bool) or not isinstance(task_subset, int) or task_subset < 1:
+        raise ValueError(f"surgery.task_subset must be null (exact) or an integer >= 1, got {task_subset!r}")
+    name = type(surgery).__module__.rsplit(".", 1)[-1]
+    if not surgery.allows_task_subset:
+        raise ValueError(
+            f"surgery.task_subset is for methods that re-weight the rows without state across steps "
+            f"({', '.join(task_subset_methods())}); surgery={name} does not: set surgery.task_subset=null"
+        )
+    if surgery.space != "params":
+        raise ValueError(
+            "surgery.task_subset saves per-task passes through the encoder, which surgery.space=features "
+            "does not take (its rows stop at the representation): use surgery.space=params or task_subset=null"
+        )
+    return task_subset
+
+
+def task_subset_methods() -> list[str]:
+    """The ``surgery=`` options of this package that allow ``task_subset`` (read from
+    each class's :attr:`Surgery.allows_task_subset`, so the list cannot go stale)."""
+    found: set[str] = set()
+    pending: list[type[Surgery]] = [Surgery]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        package, _, name = cls.__module__.rpartition(".")
+        if cls.allows_task_subset and package == __package__ and cls.__module__ != __name__:
+            found.add(name)
+    return sorted(found)
 
 
 @contextmanager

@@ -25,12 +25,14 @@ class CAGrad(GramianWeighting):
     multiplied by ``T`` (docs/methods.md's convention), so ``c = 0`` returns ``J.sum(0)``.
     """
 
-    def __init__(self, c: float = 0.4, rescale: Literal[0, 1, 2] = 1, space: Space = "params") -> None:
+    def __init__(
+        self, c: float = 0.4, rescale: Literal[0, 1, 2] = 1, space: Space = "params", task_subset: int | None = None
+    ) -> None:
         if not 0 <= c < 1:
             raise ValueError(f"surgery.c must be in [0, 1), got {c!r}")
         if rescale not in (0, 1, 2):
             raise ValueError(f"surgery.rescale must be 0, 1 or 2, got {rescale!r}")
-        super().__init__(space)
+        super().__init__(space, task_subset)
         self.c = c
         self.rescale = rescale
 

@@ -20,6 +20,9 @@ class CarriedSimplexWeights(Surgery):
     ``1/T`` in :meth:`setup` and are saved in the state dict next to the base class's
     state. A method reads them with :meth:`carried_weights` and stores its update back."""
 
+    #: No surgery.task_subset: the per-task simplex weights are carried across steps.
+    allows_task_subset = False
+
     simplex_weights: Tensor | None = None
 
     def setup(self, num_tasks: int, generator: torch.Generator | None) -> None:

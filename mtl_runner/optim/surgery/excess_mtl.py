@@ -44,12 +44,14 @@ class ExcessMTL(Surgery):
     entry are dropped (zero rows this step, weight 0).
     """
 
-    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0, space: Space = "params") -> None:
+    def __init__(
+        self, robust_step_size: float = 1.0, n_warmup_steps: int = 0, space: Space = "params", task_subset: int | None = None
+    ) -> None:
         if not robust_step_size > 0:
             raise ValueError(f"surgery.robust_step_size must be > 0, got {robust_step_size!r}")
         if n_warmup_steps < 0:
             raise ValueError(f"surgery.n_warmup_steps must be >= 0, got {n_warmup_steps!r}")
-        super().__init__(space)
+        super().__init__(space, task_subset)
         self.robust_step_size = robust_step_size
         self.n_warmup_steps = n_warmup_steps
         self.statistics: dict[str, Any] = {}

@@ -50,12 +50,18 @@ class FairGrad(GramianWeighting):
     below along that combination and ``d`` shrinks towards 0 (stays finite).
     """
 
-    def __init__(self, alpha: float = 2.0, optim_niter: int = 20, space: Space = "params") -> None:
+    #: No surgery.task_subset: its Newton solve starts from the last step's weights,
+    #: which would belong to other tasks under a subset.
+    allows_task_subset = False
+
+    def __init__(
+        self, alpha: float = 2.0, optim_niter: int = 20, space: Space = "params", task_subset: int | None = None
+    ) -> None:
         if not alpha > 0:
             raise ValueError(f"surgery.alpha must be > 0, got {alpha!r}")
         if optim_niter < 1:
             raise ValueError(f"surgery.optim_niter must be a positive integer, got {optim_niter!r}")
-        super().__init__(space)
+        super().__init__(space, task_subset)
         self.alpha = alpha
         self.optim_niter = optim_niter
         self.previous: Tensor | None = None

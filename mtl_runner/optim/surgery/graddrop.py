@@ -27,10 +27,10 @@ class GradDrop(Surgery):
     choice gives 0). Rows with a non-finite entry are dropped, like in every method.
     """
 
-    def __init__(self, leak: float = 0.0, space: Space = "params") -> None:
+    def __init__(self, leak: float = 0.0, space: Space = "params", task_subset: int | None = None) -> None:
         if not 0 <= leak <= 1:
             raise ValueError(f"surgery.leak must be in [0, 1], got {leak!r}")
-        super().__init__(space)
+        super().__init__(space, task_subset)
         self.leak = leak
 
     def __call__(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:

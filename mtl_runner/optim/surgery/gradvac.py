@@ -39,10 +39,13 @@ class GradVac(GramianWeighting):
     has no cosine: no correction and no target update; non-finite rows are dropped.
     """
 
-    def __init__(self, beta: float = 0.01, space: Space = "params") -> None:
+    #: No surgery.task_subset: its EMA targets are per task pair and updated every step.
+    allows_task_subset = False
+
+    def __init__(self, beta: float = 0.01, space: Space = "params", task_subset: int | None = None) -> None:
         if not 0 <= beta <= 1:
             raise ValueError(f"surgery.beta must be in [0, 1], got {beta!r}")
-        super().__init__(space)
+        super().__init__(space, task_subset)
         self.beta = beta
         self.targets: Tensor | None = None
 

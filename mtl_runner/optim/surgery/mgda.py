@@ -30,10 +30,10 @@ class MGDA(GramianWeighting):
     rate is ``T`` times that of the reference code.
     """
 
-    def __init__(self, normalization: Normalization = "none", space: Space = "params") -> None:
+    def __init__(self, normalization: Normalization = "none", space: Space = "params", task_subset: int | None = None) -> None:
         if normalization not in ("none", "l2", "loss", "loss+"):
             raise ValueError(f"surgery.normalization must be none, l2, loss or loss+, got {normalization!r}")
-        super().__init__(space)
+        super().__init__(space, task_subset)
         self.normalization = normalization
 
     def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:

@@ -57,6 +57,7 @@ class MoCo(CarriedSimplexWeights, Surgery):
         rho: float = 0.0,
         gradient_norm: GradientNorm = "raw",
         space: Space = "params",
+        task_subset: int | None = None,
     ) -> None:
         if not 0 < beta <= 1:
             raise ValueError(f"surgery.beta must be in (0, 1], got {beta!r}")
@@ -67,7 +68,7 @@ class MoCo(CarriedSimplexWeights, Surgery):
                 raise ValueError(f"surgery.{key} must be >= 0, got {value!r}")
         if gradient_norm not in ("raw", "loss"):
             raise ValueError(f"surgery.gradient_norm must be raw or loss, got {gradient_norm!r}")
-        super().__init__(space)
+        super().__init__(space, task_subset)
         self.beta = beta
         self.beta_sigma = beta_sigma
         self.gamma = gamma

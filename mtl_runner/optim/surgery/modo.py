@@ -30,12 +30,12 @@ class MoDo(CarriedSimplexWeights, GramianWeighting):
     Defaults ``gamma = 0.1``, ``rho = 0.1`` are torchjd's (the paper tunes both).
     """
 
-    def __init__(self, gamma: float = 0.1, rho: float = 0.1, space: Space = "params") -> None:
+    def __init__(self, gamma: float = 0.1, rho: float = 0.1, space: Space = "params", task_subset: int | None = None) -> None:
         if not gamma > 0:
             raise ValueError(f"surgery.gamma must be > 0, got {gamma!r}")
         if not rho >= 0:
             raise ValueError(f"surgery.rho must be >= 0, got {rho!r}")
-        super().__init__(space)
+        super().__init__(space, task_subset)
         self.gamma = gamma
         self.rho = rho
 

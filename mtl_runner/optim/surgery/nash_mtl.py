@@ -51,8 +51,16 @@ class NashMTL(GramianWeighting):
     most ``2^optim_niter`` and ``d`` tends to 0 (as MGDA's would); it stays finite.
     """
 
+    #: No surgery.task_subset: it warm-starts from, and may reuse, the last step's per-task weights.
+    allows_task_subset = False
+
     def __init__(
-        self, update_weights_every: int = 1, max_norm: float = 1.0, optim_niter: int = 10, space: Space = "params"
+        self,
+        update_weights_every: int = 1,
+        max_norm: float = 1.0,
+        optim_niter: int = 10,
+        space: Space = "params",
+        task_subset: int | None = None,
     ) -> None:
         if update_weights_every < 1:
             raise ValueError(f"surgery.update_weights_every must be a positive integer, got {update_weights_every!r}")
@@ -60,7 +68,7 @@ class NashMTL(GramianWeighting):
             raise ValueError(f"surgery.max_norm must be >= 0 (0 disables clipping), got {max_norm!r}")
         if optim_niter < 1:
             raise ValueError(f"surgery.optim_niter must be a positive integer, got {optim_niter!r}")
-        super().__init__(space)
+        super().__init__(space, task_subset)
         self.update_weights_every = update_weights_every
         self.max_norm = max_norm
         self.optim_niter = optim_niter

@@ -13,6 +13,9 @@ class NoSurgery(GramianWeighting):
     unless something else in the step (a diagnostics step, a gradient-based balancer)
     already needs per-task gradients."""
 
+    #: No surgery.task_subset: a plain step is already one backward, nothing to save.
+    allows_task_subset = False
+
     needs_jacobian = False
 
     def solve(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:

@@ -38,7 +38,13 @@ class SDMGrad(CarriedSimplexWeights, GramianWeighting):
     """
 
     def __init__(
-        self, lamda: float = 0.3, lr: float = 10.0, momentum: float = 0.5, niter: int = 20, space: Space = "params"
+        self,
+        lamda: float = 0.3,
+        lr: float = 10.0,
+        momentum: float = 0.5,
+        niter: int = 20,
+        space: Space = "params",
+        task_subset: int | None = None,
     ) -> None:
         if not lamda >= 0:
             raise ValueError(f"surgery.lamda must be >= 0, got {lamda!r}")
@@ -48,7 +54,7 @@ class SDMGrad(CarriedSimplexWeights, GramianWeighting):
             raise ValueError(f"surgery.momentum must be in [0, 1), got {momentum!r}")
         if niter < 1:
             raise ValueError(f"surgery.niter must be a positive integer, got {niter!r}")
-        super().__init__(space)
+        super().__init__(space, task_subset)
         self.lamda = lamda
         self.lr = lr
         self.momentum = momentum
