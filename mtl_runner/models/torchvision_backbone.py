@@ -101,6 +101,28 @@ def _stages(arch: str, net: nn.Module) -> list[nn.Module]:
     )
 
 
+@torch.no_grad()
+def measure_stages(backbone: Backbone, arch: str, input_shape: tuple[int, int, int]) -> tuple[tuple[int, ...], int | None]:
+    """Each stage's output width and the last one's stride, from one forward pass of a zero
+    image in eval mode (the training-mode state is restored); an input the architecture
+    cannot take is one line naming ``backbone.arch``."""
+    was_training = backbone.training
+    backbone.eval()
+    x = torch.zeros(1, *input_shape)
+    widths = []
+    try:
+        for stage in backbone.stages:
+            x = stage(x)
+            widths.append(int(x.shape[1]))
+    except (RuntimeError, AssertionError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"backbone.arch={arch} does not accept inputs of shape {input_shape} ({reason}); change dataset.image_size") from None
+    finally:
+        backbone.train(was_training)
+    stride = input_shape[1] // int(x.shape[-1]) if x.dim() == 4 else None
+    return tuple(widths), stride
+
+
 @root_check(check_weights)
 class TorchvisionBackbone(Backbone):
     """``backbone=torchvision backbone.arch=<name>``: see the module docstring."""
@@ -114,24 +136,4 @@ class TorchvisionBackbone(Backbone):
         if weights is not None:
             net.load_state_dict(pretrained_state(arch, weights))
         self.stages = nn.ModuleList(_stages(arch, net))
-        self.stage_channels, self.output_stride = self._measure(arch, tuple(int(s) for s in input_shape))
-
-    @torch.no_grad()
-    def _measure(self, arch: str, input_shape: tuple[int, int, int]) -> tuple[tuple[int, ...], int | None]:
-        """Each stage's output width and the last one's stride, from one forward pass of a
-        zero image in eval mode (the training-mode state is restored)."""
-        was_training = self.training
-        self.eval()
-        x = torch.zeros(1, *input_shape)
-        widths = []
-        try:
-            for stage in self.stages:
-                x = stage(x)
-                widths.append(int(x.shape[1]))
-        except (RuntimeError, AssertionError) as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ValueError(f"backbone.arch={arch} does not accept inputs of shape {input_shape} ({reason}); change dataset.image_size") from None
-        finally:
-            self.train(was_training)
-        stride = input_shape[1] // int(x.shape[-1]) if x.dim() == 4 else None
-        return tuple(widths), stride
+        self.stage_channels, self.output_stride = measure_stages(self, arch, tuple(int(s) for s in input_shape))
