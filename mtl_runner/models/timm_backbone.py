@@ -11,8 +11,8 @@ feature point, and the modules past the last one (pooling, head, classifier) are
 That cut is kept only where it reproduces the model: each stage's output must equal timm's
 own ``forward_intermediates`` on a test image. Where it does not (ViTs, whose forward adds
 position embeddings outside those modules) or a model has no feature points, the backbone
-is one stage: the model up to its pooled features (``pre_logits``), a vector, and sharing
-strategies that need two stages or more refuse it in their own one-line error.
+is one stage: the model up to its pooled features (``pre_logits``), a vector (dense tasks
+refuse it; strategies that act between stages act at its output only).
 
 ``pretrained: true`` loads timm's default pretrained weights for ``arch`` (a tag picks
 others: ``resnet18.a1_in1k``), from the Hugging Face / torch hub cache or the network;
