@@ -143,21 +143,24 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
 def final_metrics(results: dict[str, Any]) -> dict[str, float]:
     """Flat ``test/<task>/<metric>`` values of the main tasks (and Δm when present) for
     TensorBoard's HPARAMS tab, and their ``val/`` twins, the columns to sort a sweep by;
-    auxiliary tasks are not what a run is judged by."""
-    flat = {
+    auxiliary tasks are not what a run is judged by. Δm (test, then validation) comes
+    first: the table shows metrics in this order after the hparams, and at a common
+    window width only the first two or three metric columns are in view."""
+    flat: dict[str, float] = {}
+    val = results.get("val")
+    if results.get("delta_m_pct") is not None:
+        flat["hparam/delta_m_pct"] = float(results["delta_m_pct"])
+    if val is not None and val.get("delta_m_pct") is not None:
+        flat["hparam/val/delta_m_pct"] = float(val["delta_m_pct"])
+    flat.update({
         f"hparam/test/{task}/{metric}": float(v["mtl"])
         for task, entry in results["tasks"].items()
         if not entry.get("auxiliary", False)
         for metric, v in entry["metrics"].items()
-    }
-    if results.get("delta_m_pct") is not None:
-        flat["hparam/delta_m_pct"] = float(results["delta_m_pct"])
-    val = results.get("val")
+    })
     if val is not None:
         main = [task for task, entry in results["tasks"].items() if not entry.get("auxiliary", False)]
         flat.update({f"hparam/val/{task}/{metric}": float(value) for task in main for metric, value in val["metrics"][task].items()})
-        if val.get("delta_m_pct") is not None:
-            flat["hparam/val/delta_m_pct"] = float(val["delta_m_pct"])
     return flat
 
 

@@ -76,8 +76,9 @@ def test_tensorboard_serves_sweep_runs_tags_and_hparams(tmp_path: Path) -> None:
         assert not any(h.get("differs", False) for h in infos[2:])
         assert {"dataset", "backbone", "sharing", "optimizer.lr", "trainer.seed"} <= {h["name"] for h in infos[2:]}
         assert next(h for h in infos if h["name"] == "optimizer.lr").get("type") == "DATA_TYPE_FLOAT64"
-        metric_tags = {m["name"]["tag"] for m in experiment["metricInfos"]}  # type: ignore[index]
-        assert {"hparam/delta_m_pct", "hparam/test/seg/miou", "hparam/test/depth/abs_err"} <= metric_tags
+        metric_tags = [m["name"]["tag"] for m in experiment["metricInfos"]]  # type: ignore[index]
+        assert {"hparam/delta_m_pct", "hparam/test/seg/miou", "hparam/test/depth/abs_err"} <= set(metric_tags)
+        assert metric_tags[:2] == ["hparam/delta_m_pct", "hparam/val/delta_m_pct"]  # the first metric columns in view
 
         groups = _get(f"{base}/data/plugin/hparams/session_groups", {
             "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
