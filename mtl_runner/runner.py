@@ -13,6 +13,7 @@ from rich.console import Console
 from mtl_runner import baselines, build, checkpoints, io, results
 from mtl_runner.assemble import build_run, prepare_process
 from mtl_runner.data import summary as data_summary
+from mtl_runner.data.base import TaskSet
 from mtl_runner.errors import ConfigError
 from mtl_runner.train import distributed, interrupt
 from mtl_runner.train.callbacks import Checkpointing
@@ -78,9 +79,10 @@ def hparam_values(cfg: DictConfig, choices: dict[str, str] | None,
 
 def run_experiment(
     cfg: DictConfig, run_dir: Path, run_name: str | None = None, choices: dict[str, str] | None = None,
-    swept: dict[str, list[str]] | None = None,
+    swept: dict[str, list[str]] | None = None, taskset: TaskSet | None = None,
 ) -> dict[str, Any]:
-    """Train, test and write results. SIGINT/SIGTERM during training stop the run at the
+    """Train, test and write results. ``taskset``: the config's data, built once by a caller
+    that runs several configs on it (``mtl-advise``). SIGINT/SIGTERM during training stop the run at the
     next step boundary with a checkpoint (:class:`~mtl_runner.train.interrupt.RunInterrupted`). On
     failure or interrupt the run dir records the status (``results.json`` status
     ``failed``/``interrupted``, the traceback of a failure in ``error.txt``) and the
@@ -89,7 +91,7 @@ def run_experiment(
     run_dir = Path(run_dir)
     name = run_name or run_dir.name
     try:
-        return _run(cfg, run_dir, name, choices, swept)
+        return _run(cfg, run_dir, name, choices, swept, taskset)
     except ConfigError:
         raise
     except BaseException as exc:
@@ -113,7 +115,7 @@ def _record_failure(cfg: DictConfig, run_dir: Path, name: str, exc: BaseExceptio
 
 
 def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] | None,
-         swept: dict[str, list[str]] | None) -> dict[str, Any]:
+         swept: dict[str, list[str]] | None, taskset: TaskSet | None) -> dict[str, Any]:
     started = time.perf_counter()
     # Under trainer.strategy=ddp every rank trains; rank 0 alone writes and prints.
     group = distributed.init_process_group(cfg.trainer.device) if cfg.trainer.strategy == "ddp" else None
@@ -121,7 +123,7 @@ def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] 
     console = Console(quiet=not main)
     prepare_process(cfg)
     checkpoint = load_resume_checkpoint(cfg, run_dir) if cfg.resume else None
-    run = build_run(cfg, run_dir, name=run_name, group=group, console=console,
+    run = build_run(cfg, run_dir, name=run_name, group=group, console=console, taskset=taskset,
                     resume_step=checkpoint["state"]["step"] if checkpoint else None)
     trainer, taskset, device = run.trainer, run.taskset, run.device
     saver = next((cb.save for cb in trainer.callbacks if isinstance(cb, Checkpointing)), None)
