@@ -120,13 +120,22 @@ def fraction_bar(fraction: float) -> str:
     return "█" * full + (_EIGHTHS[part - 1] if part else "")
 
 
-def pair_stats(cosines: Tensor) -> PairStats:
-    """Statistics of one pair's cosines over logged steps (a 1-D tensor)."""
+def pair_stats(cosines: Tensor, weights: Tensor | None = None) -> PairStats:
+    """Statistics of one pair's cosines over logged steps (a 1-D tensor). ``weights``: the
+    training steps each logged step stands for (a dense-phase step 1, a later one
+    ``every_n_steps``), so that the report reads the run as a whole and not mostly its
+    densely sampled start; equal weights give the plain mean, the unbiased standard
+    deviation and the plain fraction."""
     values = cosines.double()
+    w = torch.ones_like(values) if weights is None else weights.to(values)
+    total = w.sum()
+    mean = (w * values).sum() / total
+    denominator = total - (w * w).sum() / total  # reliability weights: N - 1 for equal weights
+    std = ((w * (values - mean) ** 2).sum() / denominator).sqrt() if values.numel() > 1 else values.new_zeros(())
     return PairStats(
-        mean=float(values.mean()),
-        std=float(values.std()) if values.numel() > 1 else 0.0,
-        frac_negative=float((values < 0).double().mean()),
+        mean=float(mean),
+        std=float(std),
+        frac_negative=float((w * (values < 0)).sum() / total),
         steps=int(values.numel()),
     )
 
@@ -156,19 +165,23 @@ class ConflictDiagnostics(Callback):
         self._epoch: list[Tensor] = []
         self._window: list[Tensor] = []
         self._all: list[Tensor] = []
+        self._spans: list[int] = []  # training steps each entry of _all stands for
         self._losses: list[Tensor] = []
         self._reports: dict[str, Any] = {}
         self._not_applicable: str | None = None if len(task_names) > 1 else "a single task has no pairs"
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "epoch": list(self._epoch), "window": list(self._window), "all": list(self._all), "losses": list(self._losses),
+            "epoch": list(self._epoch), "window": list(self._window), "all": list(self._all), "spans": list(self._spans),
+            "losses": list(self._losses),
             "reports": dict(self._reports), "not_applicable": self._not_applicable,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._epoch, self._all, self._losses = list(state["epoch"]), list(state["all"]), list(state["losses"])
         self._window = list(state.get("window", []))  # absent from checkpoints written before windows
+        # absent before the dense phase, when every entry stood for every_n_steps steps
+        self._spans = list(state.get("spans", [self.every_n_steps] * len(self._all)))
         self._reports = dict(state["reports"])
         self._not_applicable = state["not_applicable"]
 
@@ -205,6 +218,7 @@ class ConflictDiagnostics(Callback):
         self._epoch.append(cos)
         self._window.append(cos)
         self._all.append(cos)
+        self._spans.append(self._next_diagnostics_step(step) - step)
         recent = torch.stack(self._all[-HISTOGRAM_WINDOW:])  # (steps, pairs)
         log.scalars([f"conflict_recent/{p}" for p in self.pairs], (recent < 0).float().mean(0), step)
         if self._closes_window(step):
@@ -250,8 +264,9 @@ class ConflictDiagnostics(Callback):
         if not self._all:
             return
         cos = torch.stack(self._all)
-        losses = torch.stack(self._losses).mean(0)
-        stats = {p: pair_stats(cos[:, i]) for i, p in enumerate(self.pairs)}
+        spans = torch.tensor(self._spans, dtype=torch.float64, device=cos.device)
+        losses = (spans.unsqueeze(1) * torch.stack(self._losses).double()).sum(0) / spans.sum()
+        stats = {p: pair_stats(cos[:, i], spans) for i, p in enumerate(self.pairs)}
         ratio = float(losses.max() / losses.min().clamp_min(1e-12))
         finding, advice = recommend(stats, ratio, len(self.task_names))
         self._reports[window] = {

@@ -12,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtl_runner import diagnostics
-from mtl_runner.diagnostics import ConflictDiagnostics, PairStats, custom_scalars_layout, fraction_bar, recommend
+from mtl_runner.diagnostics import ConflictDiagnostics, PairStats, custom_scalars_layout, fraction_bar, pair_stats, recommend
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.uniform import Uniform
 from mtl_runner.optim.jacobian import GradientEngine, StepGradients
@@ -120,6 +120,22 @@ def test_dense_phase_then_sparse_schedule_windows_and_recent_fraction(tmp_path: 
     assert f"| a~b | 43% | `{fraction_bar(3 / 7)}` |" in table
     report = json.loads((tmp_path / "diagnostics.json").read_text())
     assert report["warmup"]["step"] == 4 and report["warmup"]["pairs"]["a~b"]["steps"] == 5  # the steps before step 5
+    assert report["warmup"]["pairs"]["a~b"]["frac_negative"] == pytest.approx(2 / 5)
+    # the final report weighs each diagnostics step by the training steps up to the next one:
+    # steps 0-4 one each, step 5 three (to 8), steps 8, 12, 16 four each; negative: 1, 2, 5, 12
+    final = report["final"]["pairs"]["a~b"]
+    assert final["steps"] == 9 and final["frac_negative"] == pytest.approx((1 + 1 + 3 + 4) / 20)
+
+
+def test_report_statistics_with_equal_weights_are_the_plain_ones() -> None:
+    cosines = torch.tensor([0.3, -0.2, 0.9, -0.5, 0.1])
+    for weights in (None, torch.full((5,), 10.0)):
+        stats = pair_stats(cosines, weights)
+        assert stats.mean == pytest.approx(float(cosines.double().mean()))
+        assert stats.std == pytest.approx(float(cosines.double().std()))
+        assert stats.frac_negative == pytest.approx(0.4) and stats.steps == 5
+    weighted = pair_stats(torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0]))
+    assert weighted.mean == pytest.approx(0.5) and weighted.frac_negative == pytest.approx(0.25)
 
 
 def test_every_n_steps_0_turns_the_dense_phase_off_too() -> None:
