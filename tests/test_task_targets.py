@@ -14,12 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from torch import Tensor
 
 from mtl_runner import results as results_module
 from mtl_runner import task_targets
 from mtl_runner.assemble import build_run
 from mtl_runner.data.base import TaskSet, TensorSplit
+from mtl_runner.data.image_table import image_table
 from mtl_runner.data.table import parse_tasks
 from mtl_runner.errors import ConfigError
 from mtl_runner.preflight import preflight
@@ -99,6 +101,33 @@ def test_dense_and_class_tasks_give_own_metrics_labelled_pixels_and_rows() -> No
         target = torch.randint(0, 3, (2, 5, 5), generator=generator)
         target[torch.rand(2, 5, 5, generator=generator) < 0.3] = IGNORE_INDEX
         accumulator.update(torch.randn(2, 3, 5, 5, generator=generator), target)
+    values = accumulator.compute()
+    assert values["tm_acc"] == pytest.approx(values["pix_acc"], rel=1e-6)
+
+
+def test_image_table_tasks_take_own_metrics_from_yaml(tmp_path: Path) -> None:
+    """dataset=image_table parses the same task settings: a torchmetrics metric on a mask
+    task (its labelled pixels) and a function on a binary one."""
+    rows = []
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:, 4:] = 1
+        mask[0, :] = 255  # unlabelled pixels
+        Image.fromarray(mask).save(tmp_path / f"{i}_mask.png")
+        rows.append({"path": f"{i}.png", "mask": f"{i}_mask.png", "label": i % 2})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    accuracy = {"_target_": "torchmetrics.classification.MulticlassAccuracy", "num_classes": 2, "average": "micro", "higher_is_better": True}
+    taskset = image_table(str(tmp_path), "labels.csv", {
+        "seg": {"kind": "segmentation", "column": "mask", "num_classes": 2, "metrics": {"tm_acc": accuracy}},
+        "label": {"kind": "binary", "metrics": {"auroc": None, "mape": {"_target_": f"{__name__}.mean_abs_pct_error", "higher_is_better": False}}},
+    }, image_size=8, split=(1.0, 0.0, 0.0))
+    seg, label = taskset.tasks
+    assert [(m.name, m.higher_is_better) for m in seg.metrics] == [("miou", True), ("pix_acc", True), ("tm_acc", True)]
+    assert [(m.name, m.higher_is_better) for m in label.metrics] == [("auroc", True), ("mape", False)]
+    _, targets = next(taskset.train.batches(4, shuffle=False, generator=None, device=CPU))
+    accumulator = seg.accumulator(CPU)
+    accumulator.update(torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(0)), targets["seg"])
     values = accumulator.compute()
     assert values["tm_acc"] == pytest.approx(values["pix_acc"], rel=1e-6)
 
@@ -203,6 +232,8 @@ def test_own_metric_directions_reach_results_delta_m_and_hparams(tmp_path: Path)
         assert metric["delta_pct"] == pytest.approx(sign * 100.0 * (metric["mtl"] - metric["stl"]) / metric["stl"], rel=1e-6)
     deltas = [m["delta_pct"] for task in saved["tasks"].values() for m in task["metrics"].values()]
     assert saved["delta_m_pct"] == pytest.approx(float(np.mean(deltas)), rel=1e-6)
+    # what mtl-report reads per task
+    assert saved["tasks"]["spend"]["delta_pct_mean"] == pytest.approx(np.mean([m["delta_pct"] for m in spend.values()]), rel=1e-6)
     assert "| spend | mape | ↓ |" in (tmp_path / "run" / "results.md").read_text()
     assert "hparam/test/spend/mape" in results_module.final_metrics(out)
     assert saved["val"]["delta_pct"]["spend"]["mape"] is not None and "tm_acc" in saved["val"]["metrics"]["churn"]
