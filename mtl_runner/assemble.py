@@ -82,7 +82,8 @@ def build_run(
     model is otherwise built from the seed). ``callbacks`` join the standard ones;
     ``diagnostics`` adds the conflict and sharing diagnostics. ``group``: this rank of a
     ddp group (rank 0 alone writes). ``resume_step``: the step a resumed run restarts
-    from; TensorBoard events from there on are dropped. Choices that turn out not to fit
+    from; TensorBoard events from there on are dropped, and a dataset that fits statistics
+    on its training split reads the run's own back (``data_summary.json``). Choices that turn out not to fit
     together while wiring raise :class:`ConfigError`. Under ``trainer.select=best_val``
     the run's :class:`ModelSelection` scores by the mean normalised validation loss
     until its caller hands it a better score (the runner: validation Δm)."""
@@ -90,7 +91,7 @@ def build_run(
     device = build.resolve_device(cfg.trainer.device)
     if group is not None:
         device = distributed.device_for(group, device)
-    taskset = taskset if taskset is not None else build.build_taskset(cfg)
+    taskset = taskset if taskset is not None else build.build_taskset(cfg, run_dir if resume_step is not None else None)
     build.check_compatible(cfg, taskset)
     if model is None:
         torch.manual_seed(cfg.trainer.seed)

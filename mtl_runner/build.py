@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import inspect
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
+from mtl_runner.data import summary as data_summary
 from mtl_runner.data.base import TaskSet
 from mtl_runner.errors import ConfigError
 from mtl_runner.models.sharing.base import SharingModel
@@ -47,11 +49,17 @@ def _instantiate(node: DictConfig, key: str, recursive: bool = True, **runtime: 
         raise
 
 
-def build_taskset(cfg: DictConfig) -> TaskSet:
-    """The dataset, with the auxiliary task of ``+aux=...`` added when one is chosen."""
+def build_taskset(cfg: DictConfig, resumed_run: Path | None = None) -> TaskSet:
+    """The dataset, with the auxiliary task of ``+aux=...`` added when one is chosen.
+    ``resumed_run``: the run directory a resumed run continues; a dataset that fits
+    statistics on its training split (its callable takes ``statistics``) reads that run's
+    back instead of fitting them again."""
+    saved = {}
+    if resumed_run is not None and (Path(resumed_run) / data_summary.FILE_NAME).is_file() and _takes(cfg.dataset, "statistics"):
+        saved = {"statistics": str(resumed_run)}
     # A dataset builds its tasks' nested nodes (a loss or metric by _target_, with keys such as
     # higher_is_better that are not the target's) itself, the same way in the preflight.
-    taskset = _instantiate(cfg.dataset, "dataset", recursive=False).with_num_workers(cfg.trainer.num_workers)
+    taskset = _instantiate(cfg.dataset, "dataset", recursive=False, **saved).with_num_workers(cfg.trainer.num_workers)
     if cfg.get("aux") is not None:
         taskset = _instantiate(cfg.aux, "aux", taskset=taskset)
     return taskset

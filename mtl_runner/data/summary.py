@@ -11,6 +11,7 @@ input statistics) goes into the file too, so an evaluation can reproduce the inp
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from mtl_runner import io
 from mtl_runner.data.base import Split, TaskSet
+from mtl_runner.errors import ConfigError
 from mtl_runner.tasks import IGNORE_INDEX, Task
 
 FILE_NAME = "data_summary.json"
@@ -112,3 +114,16 @@ def report(taskset: TaskSet, console: Console, run_dir: Path | None) -> dict[str
     if run_dir is not None:
         io.write_json(Path(run_dir) / FILE_NAME, summary)
     return summary
+
+
+def saved_preprocessing(path: str | Path) -> dict[str, Any]:
+    """What an earlier run fitted on its training split (``preprocessing`` of the
+    ``data_summary.json`` at ``path``, a run directory or the file itself), so that a resumed
+    run or an evaluation encodes inputs as that run did, not as the data would now give."""
+    file = Path(path) / FILE_NAME if Path(path).is_dir() else Path(path)
+    try:
+        preprocessing = json.loads(file.read_text())["preprocessing"]
+        preprocessing["inputs"]["numeric"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"dataset.statistics={path}: no {FILE_NAME} with fitted input statistics there; give a run directory of dataset=table") from None
+    return preprocessing

@@ -1,114 +1,60 @@
 """``dataset=table``: a CSV or Parquet table whose target columns are the tasks; and the table
 machinery other datasets build on (``image_table``, ``text_table``).
 
-Reusable pieces, each a function of a pandas ``DataFrame``:
+Reusable pieces:
 
-* :func:`read_frame` reads one file (pandas / pyarrow), :func:`read_splits` one file or one
-  per split, split by a ``split_column`` (values ``train`` / ``val`` / ``test``) or by seeded
-  ratios (:func:`split_rows`);
+* :mod:`mtl_runner.data.table_io` (re-exported here): :func:`read_frame` reads one file
+  (pandas / pyarrow), :func:`read_splits` one file or one per split, split by a
+  ``split_column`` (values ``train`` / ``val`` / ``test``) or by seeded ratios
+  (:func:`split_rows`);
 * :func:`parse_tasks` turns ``dataset.tasks`` into :class:`TaskSpec` s and
   :func:`encode_targets` a spec's column(s) into a :class:`~mtl_runner.tasks.Task` and its
   target tensor, with missing labels (an empty cell, NaN, or one of ``missing_values``) as
   NaN (float kinds) or ``IGNORE_INDEX`` (classification);
 * :func:`select_columns` picks the input columns (a list, glob patterns, or every column
-  that is neither a target nor the split column) and :class:`InputEncoder` standardises
-  numeric inputs with the training split's statistics and one-hot encodes the declared
-  categorical ones (categories of the training split; an unseen one is all zeros).
+  that is neither a target nor the split column) and
+  :class:`~mtl_runner.data.table_inputs.InputEncoder` standardises numeric inputs with the
+  training split's statistics and one-hot encodes the declared categorical ones
+  (categories of the training split; an unseen one is all zeros).
+
+:func:`table` reads the targets, the split column and the categorical inputs with pandas,
+and the numeric inputs column by column from pyarrow into one float32 block per split
+(:mod:`mtl_runner.data.table_inputs`); a Parquet file over ``dataset.memory_budget_mb``
+keeps only the former in memory and streams the numeric inputs by row group
+(:mod:`mtl_runner.data.table_stream`), with the same split, targets and statistics.
 
 Bad input is one line naming the file, the column (and row, 1-based below the header) and
 what is allowed; the preflight runs the same checks on the header and the first rows.
-
-Why this module is long: it is the one home of the table machinery that three datasets
-share (``table``, ``image_table``, ``text_table``); split up, each piece's checks and
-messages would drift apart.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from torch import Tensor
 
+from mtl_runner.data import summary, table_stream
 from mtl_runner.data.base import TaskSet, TensorSplit
-from mtl_runner.data.roots import expand_root, root_check
-from mtl_runner.errors import ConfigError, DatasetRootError
+from mtl_runner.data.roots import root_check
+from mtl_runner.data.table_io import (  # noqa: F401 (image_table and text_table import them from here)
+    SAMPLE_ROWS, SPLITS, check_split_files, column_names, read_columns, read_pandas, read_frame, read_splits, require_columns, split_indices,
+    split_rows, table_file,
+)
+from mtl_runner.data.table_inputs import (
+    Columns, InputEncoder, Moments, category_codes, column_sums, is_numeric_column, numeric_block,
+)
+from mtl_runner.errors import ConfigError
 from mtl_runner.task_targets import UserMetric, build_callable, parse_metrics
 from mtl_runner.tasks import AVAILABLE_METRICS, IGNORE_INDEX, Task
 
-SPLITS = ("train", "val", "test")
 KINDS = ("classification", "binary", "multilabel", "regression")
-#: Rows read by the preflight to check values, not only the header.
-SAMPLE_ROWS = 1000
-
-
-def read_frame(path: str | Path, nrows: int | None = None) -> pd.DataFrame:
-    """One ``.csv`` / ``.tsv`` / ``.parquet`` file; ``nrows`` reads only the first rows."""
-    file = expand_root(str(path))
-    if not file.is_file():
-        raise DatasetRootError(f"dataset.path={path}: no such file; expected a .csv, .tsv or .parquet table")
-    suffix = file.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            if nrows is None:
-                return pd.read_parquet(file)
-            import pyarrow.parquet as pq
-
-            first = next(pq.ParquetFile(file).iter_batches(batch_size=nrows), None)
-            return first.to_pandas() if first is not None else pd.read_parquet(file)
-        if suffix in (".csv", ".tsv"):
-            return pd.read_csv(file, sep="\t" if suffix == ".tsv" else ",", nrows=nrows)
-    except (ValueError, OSError) as exc:  # pandas / pyarrow parse errors
-        raise ConfigError(f"{file}: cannot be read as a {suffix[1:]} table ({str(exc).splitlines()[0]})") from None
-    raise ConfigError(f"dataset.path={path}: unknown table format {suffix!r}; allowed: .csv, .tsv, .parquet")
-
-
-def split_rows(num_rows: int, ratios: Sequence[float], seed: int) -> dict[str, np.ndarray]:
-    """Row indices of train / val / test drawn by a seeded permutation in ``ratios``."""
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
-        raise ConfigError(f"dataset.split={list(ratios)}: three non-negative fractions (train, val, test) summing to 1")
-    order = np.random.default_rng(seed).permutation(num_rows)
-    ends = np.round(np.cumsum(ratios) * num_rows).astype(int)
-    starts = (0, ends[0], ends[1])
-    return {name: np.sort(order[s:e]) for name, s, e in zip(SPLITS, starts, ends)}
-
-
-def read_splits(
-    path: str | Mapping[str, str], split_column: str | None, split: Sequence[float], seed: int
-) -> tuple[dict[str, pd.DataFrame], str]:
-    """The train / val / test frames and a name for messages: one file per split, or one
-    file split by ``split_column`` or seeded ``split`` ratios."""
-    if path is None:
-        raise ConfigError("dataset.path is required: a .csv/.parquet file, or {train: ..., val: ..., test: ...}")
-    if isinstance(path, Mapping):
-        if sorted(path) != sorted(SPLITS):
-            raise ConfigError(f"dataset.path as a mapping needs exactly the keys train, val, test; got {sorted(path)}")
-        return {name: read_frame(path[name]) for name in SPLITS}, str(path["train"])
-    frame = read_frame(path)
-    if split_column is None:
-        return {name: frame.iloc[rows].reset_index(drop=True) for name, rows in split_rows(len(frame), split, seed).items()}, str(path)
-    require_columns(frame, [split_column], str(path), "dataset.split_column")
-    values = frame[split_column].astype(str).str.lower().replace({"validation": "val", "valid": "val"})
-    bad = ~values.isin(SPLITS)
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ConfigError(
-            f"{path}: column {split_column!r} row {row + 1}: {frame[split_column].iloc[row]!r}; allowed: train, val (validation), test"
-        )
-    return {name: frame[values == name].reset_index(drop=True) for name in SPLITS}, str(path)
-
-
-def require_columns(frame: pd.DataFrame, columns: Sequence[str], file: str, key: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ConfigError(f"{file}: {key} names column {missing[0]!r}, which is not in the file; columns: {', '.join(map(str, frame.columns[:20]))}")
 
 
 @dataclass(frozen=True)
@@ -240,10 +186,10 @@ def _matches(columns: Sequence[str], patterns: Sequence[str]) -> list[str]:
     return [c for c in columns if any(fnmatch.fnmatchcase(c, p) for p in patterns)]
 
 
-def select_columns(frame: pd.DataFrame, patterns: Sequence[str] | None, exclude: Sequence[str], file: str, key: str) -> list[str]:
+def select_columns(columns: Sequence[str], patterns: Sequence[str] | None, exclude: Sequence[str], file: str, key: str) -> list[str]:
     """Columns named by ``patterns`` (names or glob patterns, in the file's order), or every
     column not in ``exclude`` when ``patterns`` is empty."""
-    columns = [str(c) for c in frame.columns]
+    columns = [str(c) for c in columns]
     if not patterns:
         return [c for c in columns if c not in exclude]
     chosen = _matches(columns, patterns)
@@ -256,61 +202,41 @@ def select_columns(frame: pd.DataFrame, patterns: Sequence[str] | None, exclude:
     return chosen
 
 
-class InputEncoder:
-    """Inputs as one float32 matrix: numeric columns standardised with the training split's
-    mean and standard deviation (a constant column is only centred), categorical columns
-    one-hot over the training split's categories. :meth:`state` is what the run directory
-    keeps (``data_summary.json``)."""
+@dataclass(frozen=True)
+class TableColumns:
+    """Which columns of a table play which part."""
 
-    def __init__(self, train: pd.DataFrame, columns: Sequence[str], categorical: Sequence[str], file: str) -> None:
-        self.file = file
-        self.categorical = [c for c in columns if c in set(categorical)]
-        self.numeric = [c for c in columns if c not in set(categorical)]
-        for column in self.numeric:
-            if not pd.api.types.is_numeric_dtype(train[column]) and not pd.api.types.is_bool_dtype(train[column]):
-                raise ConfigError(
-                    f"{file}: input column {column!r} is not numeric ({train[column].dtype}); declare it in "
-                    "dataset.categorical_columns or leave it out of dataset.input_columns"
-                )
-        values = self._numeric_values(train, "train")
-        if len(values):
-            variance, mean = torch.var_mean(values, dim=0, correction=0)
-        else:
-            variance, mean = torch.ones(len(self.numeric)), torch.zeros(len(self.numeric))
-        self.mean = mean
-        self.std = torch.where(variance > 0, variance.sqrt(), 1.0)
-        self.categories = {c: sorted(train[c].dropna().astype(str).unique().tolist()) for c in self.categorical}
+    targets: list[str]
+    split: list[str]
+    numeric: list[str]
+    categorical: list[str]
+
+    @classmethod
+    def of(cls, names: Sequence[str], specs: Sequence[TaskSpec], input_columns: Sequence[str] | None,
+           categorical_columns: Sequence[str], split_column: str | None, file: str) -> TableColumns:
+        frame = pd.DataFrame(columns=list(names))
+        targets = [c for spec in specs for c in spec.columns]
+        split = [split_column] if split_column else []
+        require_columns(frame, targets + split, file, "dataset.tasks / dataset.split_column")
+        require_columns(frame, [c for c in categorical_columns if "*" not in c], file, "dataset.categorical_columns")
+        inputs = select_columns(names, input_columns, targets + split, file, "dataset.input_columns")
+        categorical = _matches(inputs, categorical_columns)
+        return cls(targets, split, [c for c in inputs if c not in categorical], categorical)
 
     @property
-    def width(self) -> int:
-        return len(self.numeric) + sum(len(v) for v in self.categories.values())
+    def in_memory(self) -> list[str]:
+        """The columns read as pandas (a streamed table keeps them in memory)."""
+        return list(dict.fromkeys(self.targets + self.split + self.categorical))
 
-    def _numeric_values(self, frame: pd.DataFrame, split: str) -> Tensor:
-        """The numeric inputs as one float32 tensor (a copy: it is standardised in place)."""
-        if not self.numeric:
-            return torch.zeros(len(frame), 0)
-        values = torch.from_numpy(frame[self.numeric].to_numpy(dtype=np.float32, na_value=np.nan, copy=True))
-        # one reduction instead of an element-wise mask: float32 values summed in float64 cannot
-        # overflow, so a column's sum is non-finite exactly when it holds a NaN or an infinity
-        if not bool(torch.isfinite(values.sum(0, dtype=torch.float64)).all()):
-            r, j = (int(i) for i in torch.nonzero(~torch.isfinite(values))[0])
-            raise ConfigError(f"{self.file}: input column {self.numeric[j]!r} row {r + 1} ({split}): {float(values[r, j])}; inputs must be finite numbers (drop or impute the row)")
-        return values
 
-    def transform(self, frame: pd.DataFrame, split: str) -> Tensor:
-        parts = [self._numeric_values(frame, split).sub_(self.mean).div_(self.std)]
-        for column, categories in self.categories.items():
-            values = frame[column].astype(str)
-            codes = torch.from_numpy(pd.Categorical(values.where(values.isin(categories)), categories=categories).codes.astype(np.int64))
-            one_hot = torch.nn.functional.one_hot(codes.clamp_min(0), len(categories)).float() * (codes >= 0).unsqueeze(1)
-            parts.append(one_hot)
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "numeric": {c: {"mean": m, "std": s} for c, m, s in zip(self.numeric, self.mean.tolist(), self.std.tolist())},
-            "categorical": self.categories,
-        }
+def check_numeric(data: Columns, columns: Sequence[str], file: str) -> None:
+    for column in columns:
+        if not is_numeric_column(data, column):
+            kind = data.schema.field(column).type if isinstance(data, pa.Table) else data[column].dtype
+            raise ConfigError(
+                f"{file}: input column {column!r} is not numeric ({kind}); declare it in "
+                "dataset.categorical_columns or leave it out of dataset.input_columns"
+            )
 
 
 def check_table(
@@ -326,12 +252,9 @@ def check_table(
     files = list(path.values()) if isinstance(path, Mapping) else [path]
     for file in files:
         sample = read_frame(file, nrows=SAMPLE_ROWS)
-        targets = [c for spec in specs for c in spec.columns]
-        exclude = targets + ([split_column] if split_column else [])
-        require_columns(sample, exclude, str(file), "dataset.tasks / dataset.split_column")
-        columns = select_columns(sample, input_columns, exclude, str(file), "dataset.input_columns")
-        require_columns(sample, [c for c in categorical_columns if "*" not in c], str(file), "dataset.categorical_columns")
-        InputEncoder(sample, columns, _matches(columns, categorical_columns), str(file))
+        columns = TableColumns.of(list(sample.columns), specs, input_columns, categorical_columns, split_column, str(file))
+        check_numeric(sample, columns.numeric, str(file))
+        column_sums(numeric_block(sample, columns.numeric, None), columns.numeric, str(file), "sample")
         for spec in specs:
             if spec.kind != "binary":  # the first rows may hold only one of the two labels
                 encode_targets(spec, {"sample": sample}, str(file), missing_values)
@@ -347,18 +270,57 @@ def table(
     split: Sequence[float] = (0.8, 0.1, 0.1),
     missing_values: Sequence[Any] = (),
     seed: int = 0,
+    memory_budget_mb: float = 2048,
+    statistics: str | None = None,
 ) -> TaskSet:
-    """Inputs and tasks of one table (or one per split), held in memory as tensors."""
+    """Inputs and tasks of one table (or one per split), held in memory as tensors, or
+    streamed from a Parquet file whose data exceed ``memory_budget_mb``
+    (:mod:`mtl_runner.data.table_stream`). ``statistics``: a run directory (or its
+    ``data_summary.json``) whose fitted input statistics are used instead of fitting them
+    on this training split (a resumed run reads its own back)."""
+    if path is None:
+        raise ConfigError("dataset.path is required: a .csv/.parquet file, or {train: ..., val: ..., test: ...}")
     specs = parse_tasks(tasks)
-    frames, file = read_splits(path, split_column, split, seed)
-    encoded = [encode_targets(spec, frames, file, missing_values) for spec in specs]
-    exclude = [c for spec in specs for c in spec.columns] + ([split_column] if split_column else [])
-    columns = select_columns(frames["train"], input_columns, exclude, file, "dataset.input_columns")
-    encoder = InputEncoder(frames["train"], columns, _matches(columns, categorical_columns), file)
-    splits = {
-        name: TensorSplit(encoder.transform(frames[name], name), {task.name: targets[name] for task, targets in encoded})
-        for name in SPLITS
-    }
+    parquet = None
+    if isinstance(path, Mapping):
+        check_split_files(path)
+        file, where, rows = str(path["train"]), {name: str(path[name]) for name in SPLITS}, dict.fromkeys(SPLITS)
+        data: dict[str, Any] = {name: read_columns(path[name]) for name in SPLITS}
+        columns = TableColumns.of(column_names(data["train"]), specs, input_columns, categorical_columns, split_column, file)
+        small = {name: read_pandas(data[name], columns.in_memory) for name in SPLITS}
+    else:
+        file, where = str(path), dict.fromkeys(SPLITS, str(path))
+        parquet = table_stream.open_if_over_budget(table_file(path), memory_budget_mb)
+        source = parquet if parquet is not None else read_columns(path)
+        data = dict.fromkeys(SPLITS, source)
+        columns = TableColumns.of(column_names(source), specs, input_columns, categorical_columns, split_column, file)
+        whole = read_pandas(source, columns.in_memory)
+        rows = split_indices(whole, split_column, split, seed, file)
+        small = {name: whole.iloc[index].reset_index(drop=True) for name, index in rows.items()}
+    encoded = [encode_targets(spec, small, file, missing_values) for spec in specs]
+    targets = {name: {task.name: split_targets[name] for task, split_targets in encoded} for name in SPLITS}
+    for name in SPLITS:
+        check_numeric(parquet.schema_arrow.empty_table() if parquet is not None else data[name], columns.numeric, where[name])
+    saved = summary.saved_preprocessing(statistics)["inputs"] if statistics is not None else None
+    categories = saved["categorical"] if saved is not None else {
+        c: sorted(small["train"][c].dropna().astype(str).unique().tolist()) for c in columns.categorical}
+    codes = {name: [category_codes(small[name][c], categories[c]) for c in columns.categorical] for name in SPLITS}
+
+    def fitted(moments: Callable[[], Moments]) -> InputEncoder:
+        if saved is not None:
+            return InputEncoder.from_state(saved, columns.numeric, columns.categorical, f"dataset.statistics={statistics}")
+        return InputEncoder.fit(columns.numeric, moments(), categories)
+
+    splits: dict[str, Any]
+    if parquet is not None:
+        encoder = fitted(lambda: table_stream.first_pass(parquet, columns.numeric, rows, file))
+        splits = {name: table_stream.StreamSplit(table_file(path), parquet, columns.numeric, rows[name], encoder, codes[name],
+                                                 targets[name], memory_budget_mb) for name in SPLITS}
+    else:
+        blocks = {name: numeric_block(data[name], columns.numeric, rows[name]) for name in SPLITS}
+        sums = {name: column_sums(blocks[name], columns.numeric, where[name], name, rows[name]) for name in SPLITS}
+        encoder = fitted(lambda: Moments.of(blocks["train"], sums["train"]))
+        splits = {name: TensorSplit(encoder.encode(blocks.pop(name), codes[name]), targets[name]) for name in SPLITS}
     return TaskSet(
         "table", tuple(task for task, _ in encoded), splits["train"], splits["val"], splits["test"], (encoder.width,),
         preprocessing={"file": file, "inputs": encoder.state()},
