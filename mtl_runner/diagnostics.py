@@ -232,14 +232,16 @@ class ConflictDiagnostics(Callback):
             return
         epoch_cos = torch.stack(self._epoch)  # (steps, pairs)
         step = trainer.state.last_step
-        fractions = (epoch_cos < 0).float().mean(0)
+        # weighted as the report is: an epoch holding the dense phase's end is not mostly its dense part
+        spans = torch.tensor(self._spans[-len(self._epoch):], dtype=torch.float32, device=epoch_cos.device).unsqueeze(1)
+        fractions = (spans * (epoch_cos < 0)).sum(0) / spans.sum()
         trainer.logger.scalars([f"conflict/{p}" for p in self.pairs], fractions, step)
         if trainer.logger.enabled:
             trainer.logger.text("conflict_report/epoch", self._epoch_table(epoch, fractions.tolist(), len(self._epoch)), step)
         self._epoch.clear()
 
     def _epoch_table(self, epoch: int, fractions: list[float], steps: int) -> str:
-        lines = [f"**epoch {epoch + 1}**: fraction of negative cosines over its {steps} diagnostics steps", "",
+        lines = [f"**epoch {epoch + 1}**: fraction of negative cosines, from {steps} diagnostics steps", "",
                  "| pair | frac < 0 | |", "|---|---|---|"]
         lines += [f"| {p} | {f:.0%} | `{fraction_bar(f)}` |" for p, f in zip(self.pairs, fractions)]
         return "\n".join(lines)

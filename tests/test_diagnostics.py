@@ -113,11 +113,12 @@ def test_dense_phase_then_sparse_schedule_windows_and_recent_fraction(tmp_path: 
     assert [e.value for e in acc.Scalars("conflict_recent/a~b")] == pytest.approx(recent)
     # full window (0-3), the dense phase's end (4-5), the run's end (8, 12, 16)
     assert [(e.step, e.histogram_value.num) for e in acc.Histograms("cos_hist/a~b")] == [(3, 4), (5, 2), (19, 3)]
-    # per epoch: steps 0-5 and 8 (3 of 7 negative), then 12 and 16 (1 of 2)
-    assert [(e.step, e.value) for e in acc.Scalars("conflict/a~b")] == [(9, pytest.approx(3 / 7)), (19, 0.5)]
+    # per epoch, each diagnostics step weighted by the training steps up to the next one (as in
+    # the report below): steps 0-4 and 5 (to 8) and 8 (to 12), 5 of 12 negative; then 12 and 16
+    assert [(e.step, e.value) for e in acc.Scalars("conflict/a~b")] == [(9, pytest.approx(5 / 12)), (19, 0.5)]
     table = acc.Tensors("conflict_report/epoch/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "**epoch 1**" in table and "over its 7 diagnostics steps" in table
-    assert f"| a~b | 43% | `{fraction_bar(3 / 7)}` |" in table
+    assert "**epoch 1**" in table and "from 7 diagnostics steps" in table
+    assert f"| a~b | 42% | `{fraction_bar(5 / 12)}` |" in table
     report = json.loads((tmp_path / "diagnostics.json").read_text())
     assert report["warmup"]["step"] == 4 and report["warmup"]["pairs"]["a~b"]["steps"] == 5  # the steps before step 5
     assert report["warmup"]["pairs"]["a~b"]["frac_negative"] == pytest.approx(2 / 5)
