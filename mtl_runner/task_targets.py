@@ -124,11 +124,12 @@ def parse_metrics(key: str, node: Any, builtin: Collection[str]) -> tuple[tuple[
     return tuple(names), tuple(own)
 
 
-def _one_number(metric: UserMetric, value: Any) -> float:
-    tensor = torch.as_tensor(value)
+def _one_number(metric: UserMetric, value: Any, device: torch.device | None = None) -> Tensor:
+    """A metric's value as a 0-d float64 tensor; anything else is an error naming the metric."""
+    tensor = torch.as_tensor(value, dtype=torch.float64, device=device)
     if tensor.numel() != 1:
-        raise ValueError(f"metric {metric.name!r}: must give one number per batch and per split, got shape {tuple(tensor.shape)}")
-    return float(tensor.reshape(()))
+        raise ValueError(f"metric {metric.name!r}: must give one number (per batch, and from compute), got shape {tuple(tensor.shape)}")
+    return tensor.reshape(())
 
 
 class _StatefulAccumulator:
@@ -146,7 +147,7 @@ class _StatefulAccumulator:
         self.state.update(pred, target)
 
     def compute(self) -> float:
-        return _one_number(self.metric, self.state.compute())
+        return float(_one_number(self.metric, self.state.compute()))
 
 
 class _BatchMeanAccumulator:
@@ -158,12 +159,10 @@ class _BatchMeanAccumulator:
         self.sums = torch.zeros(2, dtype=torch.float64, device=device)
 
     def update(self, pred: Tensor, target: Tensor, labelled: Tensor) -> None:
-        value = torch.as_tensor(self.metric.definition(pred, target), dtype=torch.float64, device=self.sums.device)
-        if value.numel() != 1:
-            raise ValueError(f"metric {self.metric.name!r}: a function metric returns one number per batch, got shape {tuple(value.shape)}")
+        value = _one_number(self.metric, self.metric.definition(pred, target), self.sums.device)
         count = labelled.to(torch.float64)
         # a batch without labels adds nothing (its value, often NaN, is not read)
-        self.sums += torch.stack([torch.where(count > 0, value.reshape(()) * count, 0.0), count])
+        self.sums += torch.stack([torch.where(count > 0, value * count, 0.0), count])
 
     def compute(self) -> float:
         total, count = self.sums.tolist()

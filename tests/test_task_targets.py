@@ -23,7 +23,6 @@ from mtl_runner.assemble import build_run
 from mtl_runner.data.base import TaskSet, TensorSplit
 from mtl_runner.data.image_table import image_table
 from mtl_runner.data.table import parse_tasks
-from mtl_runner.errors import ConfigError
 from mtl_runner.preflight import preflight
 from mtl_runner.runner import run_experiment
 from mtl_runner.tasks import IGNORE_INDEX, Task
@@ -77,6 +76,12 @@ def test_own_metrics_are_added_to_the_kind_defaults_and_each_evaluation_starts_f
         accumulator = task.accumulator(CPU)
         accumulator.update(pred, target)
         assert accumulator.compute()["tm_mae"] == pytest.approx(2.5)
+
+
+def test_a_function_metric_that_does_not_reduce_is_an_error_naming_it() -> None:
+    task = _regression_task({"diff": {"_target_": "torch.sub", "higher_is_better": False}})
+    with pytest.raises(ValueError, match=r"metric 'diff': must give one number .*got shape \(3,\)"):
+        task.accumulator(CPU).update(torch.zeros(3, 1), torch.ones(3))
 
 
 def test_own_metric_updates_never_read_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
