@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -105,7 +105,7 @@ def parse_metrics(key: str, node: Any, builtin: Collection[str]) -> tuple[tuple[
     defaults when none is named."""
     if node is None:
         return (), ()
-    if isinstance(node, str) or not isinstance(node, (Mapping, list, tuple)):
+    if isinstance(node, str) or not isinstance(node, (Mapping, Sequence)):
         raise ConfigError(f"{key}: a list of built-in metrics or a mapping name -> {{_target_: ..., higher_is_better: ...}}, got {node!r}")
     entries = node.items() if isinstance(node, Mapping) else ((name, None) for name in node)
     names: list[str] = []
