@@ -64,7 +64,8 @@ def _free_port() -> int:
 @pytest.mark.parametrize("choices", [
     ["balancer=uniform", "surgery=none"],
     ["balancer=uniform", "surgery=pcgrad"],
-], ids=["uniform", "pcgrad"])
+    ["balancer=uniform", "surgery=pcgrad", "surgery.task_subset=2"],  # every rank draws the same subsets
+], ids=["uniform", "pcgrad", "pcgrad_task_subset"])
 @pytest.mark.slow
 def test_ddp_matches_single_process_on_the_combined_batch(tmp_path: Path, choices: list[str]) -> None:
     torch.set_num_threads(1)
