@@ -9,7 +9,7 @@ from functools import partial
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from mtl_runner import build
@@ -22,7 +22,7 @@ from mtl_runner.optim.balancers.uniform import Uniform
 from mtl_runner.optim.jacobian import GradientEngine
 from mtl_runner.optim.surgery.base import GramianWeighting, Surgery, task_subset_methods
 from mtl_runner.tasks import Task
-from tests.conftest import FixedWeights, compose_config
+from tests.conftest import FixedWeights, compose_config, conf_options
 
 NUM_TASKS = 6
 TASKS = [Task(f"r{t}", "regression", 1) for t in range(NUM_TASKS)]
@@ -235,6 +235,21 @@ def test_bad_settings_are_one_line_config_errors(overrides: list[str], fragment:
         validate(cfg)
         build.build_surgery(cfg)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", conf_options("surgery"))
+def test_every_method_takes_the_setting_and_allows_or_refuses_it(name: str) -> None:
+    """Every YAML lists the key (null); its class accepts it, and either allows it (then it
+    is in the refusal's list) or refuses it in one line naming the key."""
+    node = OmegaConf.load(CONF_DIR / "surgery" / f"{name}.yaml")
+    assert "task_subset" in node and node.task_subset is None
+    arguments = {key: value for key, value in OmegaConf.to_container(node).items() if key != "_target_"}
+    method = get_object(node._target_)
+    if name in task_subset_methods():
+        assert method(**{**arguments, "task_subset": 2}).task_subset == 2
+    else:
+        with pytest.raises(ValueError, match=rf"^surgery\.task_subset .*; surgery={name} does not"):
+            method(**{**arguments, "task_subset": 2})
 
 
 def test_a_balancer_reading_the_rows_is_refused() -> None:
