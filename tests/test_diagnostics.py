@@ -80,17 +80,21 @@ def test_cosines_equal_hand_computed_values(tmp_path: Path) -> None:
 CONFLICTING = {1, 2, 5, 12}
 
 
-def _feed(diag: ConflictDiagnostics, tmp_path: Path, steps: int, steps_per_epoch: int) -> EventAccumulator:
-    """Drive the callback as the trainer does, with known per-task gradients."""
-    logger = RunLogger(tmp_path / "tb")
-    trainer = SimpleNamespace(logger=logger, state=SimpleNamespace(step=0, last_step=0))
-    for step in range(steps):
+def _drive(diag: ConflictDiagnostics, trainer: SimpleNamespace, steps: range, steps_per_epoch: int) -> None:
+    """Call the callback as the trainer does, with known per-task gradients."""
+    for step in steps:
         trainer.state.last_step = step
         if diag.wants_jacobian(step):
             rows = torch.tensor([[1.0, 0.0], [-1.0 if step in CONFLICTING else 1.0, 0.0]])
             diag.on_step(trainer, step, torch.ones(2), torch.ones(2), StepGradients(jacobian=rows))  # type: ignore[arg-type]
         if step % steps_per_epoch == steps_per_epoch - 1:
             diag.on_epoch_end(trainer, step // steps_per_epoch)  # type: ignore[arg-type]
+
+
+def _feed(diag: ConflictDiagnostics, tmp_path: Path, steps: int, steps_per_epoch: int) -> EventAccumulator:
+    logger = RunLogger(tmp_path / "tb")
+    trainer = SimpleNamespace(logger=logger, state=SimpleNamespace(step=0, last_step=0))
+    _drive(diag, trainer, range(steps), steps_per_epoch)
     diag.on_fit_end(trainer)  # type: ignore[arg-type]
     logger.close()
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
@@ -137,6 +141,32 @@ def test_report_statistics_with_equal_weights_are_the_plain_ones() -> None:
         assert stats.frac_negative == pytest.approx(0.4) and stats.steps == 5
     weighted = pair_stats(torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0]))
     assert weighted.mean == pytest.approx(0.5) and weighted.frac_negative == pytest.approx(0.25)
+
+
+def test_a_resumed_callback_reports_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    """The weights of the logged steps are checkpoint state; a checkpoint written before
+    they existed (every entry every_n_steps apart) loads with equal weights."""
+    def make(run_dir: Path) -> ConflictDiagnostics:
+        return ConflictDiagnostics(("a", "b"), every_n_steps=4, warmup_steps=0, run_dir=run_dir, dense_steps=6)
+
+    trainer = SimpleNamespace(logger=RunLogger(None), state=SimpleNamespace(step=0, last_step=0))
+    whole, first = make(tmp_path / "whole"), make(tmp_path / "resumed")
+    for path in (tmp_path / "whole", tmp_path / "resumed"):
+        path.mkdir()
+    _drive(whole, trainer, range(20), steps_per_epoch=10)
+    whole.on_fit_end(trainer)  # type: ignore[arg-type]
+    _drive(first, trainer, range(10), steps_per_epoch=10)
+    resumed = make(tmp_path / "resumed")
+    resumed.load_state_dict(first.state_dict())
+    _drive(resumed, trainer, range(10, 20), steps_per_epoch=10)
+    resumed.on_fit_end(trainer)  # type: ignore[arg-type]
+    read = [json.loads((tmp_path / d / "diagnostics.json").read_text())["final"]["pairs"] for d in ("whole", "resumed")]
+    assert read[0] == read[1]
+
+    old_checkpoint = {key: value for key, value in first.state_dict().items() if key != "spans"}
+    older = make(tmp_path)
+    older.load_state_dict(old_checkpoint)
+    assert older.state_dict()["spans"] == [4] * len(old_checkpoint["all"])
 
 
 def test_every_n_steps_0_turns_the_dense_phase_off_too() -> None:
@@ -197,15 +227,19 @@ def test_decision_rule_outcomes(pairs: list[PairStats], ratio: float, finding: s
 
 @pytest.mark.slow
 def test_run_writes_conflict_report(tmp_path: Path) -> None:
-    run_experiment(compose_config([*TINY, "diagnostics.every_n_steps=1", "diagnostics.warmup_steps=2"]), tmp_path)
+    """Through mtl-run's own wiring: the default dense phase diagnoses each of the 4 steps
+    although every_n_steps=3, and every diagnostics output is written."""
+    run_experiment(compose_config([*TINY, "diagnostics.every_n_steps=3", "diagnostics.warmup_steps=2"]), tmp_path)
     report = json.loads((tmp_path / "diagnostics.json").read_text())
     assert set(report) == {"warmup", "final"}
     assert set(report["final"]["pairs"]) == {"seg~depth", "seg~count", "depth~count"}
     assert report["final"]["recommendation"]
-    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0, "tensors": 0})
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     acc.Reload()
-    assert "cos/seg~depth" in acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("cos/seg~depth")] == [0, 1, 2, 3]
+    assert [e.step for e in acc.Scalars("conflict_recent/seg~depth")] == [0, 1, 2, 3]
     assert "cos_hist/seg~depth" in acc.Tags()["histograms"]
+    assert "conflict_report/epoch/text_summary" in acc.Tags()["tensors"]
 
 
 # ------------------------------------------------- the controlled conflict experiment
