@@ -18,6 +18,7 @@ from mtl_runner.data.base import TaskSet
 from mtl_runner.errors import ConfigError
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.base import Balancer
+from mtl_runner.optim.jacobian.engine import check_task_subset
 from mtl_runner.optim.surgery.base import Surgery
 
 
@@ -109,7 +110,12 @@ def check_compatible(cfg: DictConfig, taskset: TaskSet | None = None) -> None:
     if ft is not None and ft.unfreeze_every > 0 and ft.freeze_stages == 0:
         raise ConfigError(f"finetune.unfreeze_every={ft.unfreeze_every} needs finetune.freeze_stages >= 1 (stages to unfreeze)")
     _check_token_inputs(cfg)
-    space = build_surgery(cfg).space
+    surgery = build_surgery(cfg)
+    try:
+        check_task_subset(build_balancer(cfg), surgery)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    space = surgery.space
     affinity = cfg.get("affinity")
     if affinity is not None and set(affinity.measures) & set(JOINT_RUN_MEASURES) and space != "params":
         raise ConfigError("mtl-affinity measures on the shared parameters: use surgery.space=params")

@@ -252,6 +252,9 @@ def test_every_method_takes_the_setting_and_allows_or_refuses_it(name: str) -> N
             method(**{**arguments, "task_subset": 2})
 
 
-def test_a_balancer_reading_the_rows_is_refused() -> None:
+def test_a_balancer_reading_the_rows_is_refused_before_the_run() -> None:
     with pytest.raises(ValueError, match=r"surgery\.task_subset .*balancer=gradnorm"):
         GradientEngine(_model(), GradNorm(), _surgery("pcgrad", 2), "sequential")
+    cfg = compose_config(["surgery=pcgrad", "surgery.task_subset=2", "balancer=dbmtl"])
+    with pytest.raises(ConfigError, match=r"surgery\.task_subset .*balancer=dbmtl"):
+        build.check_compatible(cfg)  # preflight's check: before a run directory exists

@@ -50,12 +50,7 @@ class GradientEngine:
             )
         if distributed is not None and self.features_space:
             raise ValueError("surgery.space=features is not supported with trainer.strategy=ddp yet: use surgery.space=params")
-        if surgery.task_subset is not None and balancer.requires_grads is not None:
-            name = type(balancer).__module__.rsplit(".", 1)[-1]
-            raise ValueError(
-                f"surgery.task_subset computes the rows of a few tasks per step, but balancer={name} reads every "
-                "task's gradient rows: use a loss-based balancer (uniform, uncertainty, dwa, rlw, ...) or task_subset=null"
-            )
+        check_task_subset(balancer, surgery)
         self.distributed = distributed
         self.balancer_params = [p for p in balancer.parameters() if p.requires_grad]
         #: Set by :meth:`forward` when it split at the shared representation, taken by the
@@ -167,6 +162,18 @@ class GradientEngine:
         for p, g in zip(self.balancer_params, grads):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
+
+
+def check_task_subset(balancer: Balancer, surgery: Surgery) -> None:
+    """A task subset computes the rows of a few tasks per step: a balancer that reads every
+    task's rows (``requires_grads``) cannot have them. Preflight calls this too, so the
+    line comes before a run directory exists."""
+    if surgery.task_subset is not None and balancer.requires_grads is not None:
+        name = type(balancer).__module__.rsplit(".", 1)[-1]
+        raise ValueError(
+            f"surgery.task_subset computes the rows of a few tasks per step, but balancer={name} reads every "
+            "task's gradient rows: use a loss-based balancer (uniform, uncertainty, dwa, rlw, ...) or task_subset=null"
+        )
 
 
 def _refuse_without_shared(model: SharingModel, balancer: Balancer, surgery: Surgery) -> None:
