@@ -296,11 +296,11 @@ def _markdown(user: Sequence[str], seed_list: Sequence[int], diagnosis: tuple[st
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mtl-advise", description=(
         "Check the conflict report's advice: screen its candidates and the strong general choices for a few epochs "
-        "and seeds, rank by validation Δm with intervals, and print the command to run in full."))
+        "and seeds within a time budget, rank by validation Δm with intervals, and print the command to run in full."))
     parser.add_argument("overrides", nargs="*", help="mtl-run overrides that fix the problem (dataset=..., backbone=..., sizes)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per screening run (default 2)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per candidate (default 2: 0 and 1)")
-    parser.add_argument("--budget", type=float, default=10.0,
+    parser.add_argument("--budget", type=float, default=10.0, metavar="MINUTES",
                         help="minutes for the whole screening, diagnose run included (default 10; 0: no budget, whole epochs)")
     parser.add_argument("--out", type=Path, default=Path("outputs/advise"), help="where the runs and advice.md go")
     args = parser.parse_args(argv)
