@@ -48,7 +48,7 @@ from mtl_runner.data.table_io import (  # noqa: F401 (image_table and text_table
     split_rows, table_file,
 )
 from mtl_runner.data.table_inputs import (
-    Columns, InputEncoder, Moments, category_codes, column_sums, is_numeric_column, numeric_block,
+    Columns, InputEncoder, Moments, category_codes, column_sums, is_numeric_column, numeric_blocks,
 )
 from mtl_runner.errors import ConfigError
 from mtl_runner.task_targets import UserMetric, build_callable, parse_metrics
@@ -254,7 +254,7 @@ def check_table(
         sample = read_frame(file, nrows=SAMPLE_ROWS)
         columns = TableColumns.of(list(sample.columns), specs, input_columns, categorical_columns, split_column, str(file))
         check_numeric(sample, columns.numeric, str(file))
-        column_sums(numeric_block(sample, columns.numeric, None), columns.numeric, str(file), "sample")
+        column_sums(numeric_blocks(sample, columns.numeric, {"sample": None})["sample"], columns.numeric, str(file), "sample")
         for spec in specs:
             if spec.kind != "binary":  # the first rows may hold only one of the two labels
                 encode_targets(spec, {"sample": sample}, str(file), missing_values)
@@ -287,6 +287,9 @@ def table(
         file, where, rows = str(path["train"]), {name: str(path[name]) for name in SPLITS}, dict.fromkeys(SPLITS)
         data: dict[str, Any] = {name: read_columns(path[name]) for name in SPLITS}
         columns = TableColumns.of(column_names(data["train"]), specs, input_columns, categorical_columns, split_column, file)
+        for name in ("val", "test"):
+            require_columns(pd.DataFrame(columns=column_names(data[name])), columns.targets + columns.numeric + columns.categorical,
+                            where[name], "dataset.tasks / dataset.input_columns (as in the training file)")
         small = {name: read_pandas(data[name], columns.in_memory) for name in SPLITS}
     else:
         file, where = str(path), dict.fromkeys(SPLITS, str(path))
@@ -317,7 +320,10 @@ def table(
         splits = {name: table_stream.StreamSplit(table_file(path), parquet, columns.numeric, rows[name], encoder, codes[name],
                                                  targets[name], memory_budget_mb) for name in SPLITS}
     else:
-        blocks = {name: numeric_block(data[name], columns.numeric, rows[name]) for name in SPLITS}
+        if isinstance(path, Mapping):
+            blocks = {name: numeric_blocks(data[name], columns.numeric, {name: None})[name] for name in SPLITS}
+        else:
+            blocks = numeric_blocks(data["train"], columns.numeric, rows)
         sums = {name: column_sums(blocks[name], columns.numeric, where[name], name, rows[name]) for name in SPLITS}
         encoder = fitted(lambda: Moments.of(blocks["train"], sums["train"]))
         splits = {name: TensorSplit(encoder.encode(blocks.pop(name), codes[name]), targets[name]) for name in SPLITS}

@@ -14,7 +14,7 @@ file's row groups) combine their statistics exactly as one block would
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,26 +37,43 @@ def is_numeric_column(data: Columns, name: str) -> bool:
     return pd.api.types.is_numeric_dtype(data[name]) or pd.api.types.is_bool_dtype(data[name])
 
 
-def numeric_block(data: Columns, columns: Sequence[str], rows: np.ndarray | None) -> Tensor:
-    """``columns`` of ``data`` (at ``rows``, or all rows) as a ``(len(columns), n)`` float32
-    block, one contiguous row per column; a missing cell is NaN."""
-    count = data.num_rows if isinstance(data, pa.Table) else len(data)
-    count = count if rows is None else len(rows)
-    block = np.empty((len(columns), count), dtype=np.float32)
+def _pieces(data: Columns, name: str) -> Iterator[tuple[int, np.ndarray]]:
+    """A column as numpy arrays, each with its first row: a pyarrow column chunk by chunk
+    (zero-copy for a float column without nulls; a null becomes NaN), a pandas one whole."""
+    if isinstance(data, pa.Table):
+        column = data.column(name)
+        start = 0
+        for chunk in (column if column.null_count == 0 else column.cast(pa.float64())).chunks:
+            yield start, chunk.to_numpy(zero_copy_only=False)
+            start += len(chunk)
+    else:
+        yield 0, data[name].to_numpy(dtype=np.float32, na_value=np.nan)
+
+
+def numeric_blocks(data: Columns, columns: Sequence[str], rows: Mapping[str, np.ndarray | None]) -> dict[str, Tensor]:
+    """``columns`` of ``data`` at each entry's ``rows`` (``None``: all rows) as a
+    ``(len(columns), n)`` float32 block, one contiguous row per column; a missing cell is
+    NaN. Each column is read once, piece by piece, for all entries."""
+    total = data.num_rows if isinstance(data, pa.Table) else len(data)
+    blocks = {key: np.empty((len(columns), total if index is None else len(index)), dtype=np.float32) for key, index in rows.items()}
+    local: dict[tuple[str, int, int], tuple[int, int, np.ndarray]] = {}  # the pieces' row positions, shared by columns
     for j, name in enumerate(columns):
-        if isinstance(data, pa.Table):
-            values = data.column(name).to_numpy()  # zero-copy for one chunk of a float column without nulls
-        else:
-            values = data[name].to_numpy(dtype=np.float32, na_value=np.nan)
-        if values.dtype == np.bool_:
-            values = values.view(np.uint8)
-        if rows is None:
-            block[j] = values
-        elif values.dtype == np.float32:
-            np.take(values, rows, out=block[j])
-        else:
-            block[j] = values[rows]
-    return torch.from_numpy(block)
+        for start, values in _pieces(data, name):
+            stop = start + len(values)
+            values = values.view(np.uint8) if values.dtype == np.bool_ else values
+            for key, index in rows.items():
+                if index is None:
+                    blocks[key][j, start:stop] = values
+                    continue
+                if (key, start, stop) not in local:
+                    lo, hi = np.searchsorted(index, (start, stop))
+                    local[key, start, stop] = (lo, hi, index[lo:hi] - start)
+                lo, hi, at = local[key, start, stop]
+                if values.dtype == np.float32:
+                    np.take(values, at, out=blocks[key][j, lo:hi], mode="clip")  # positions are in range: no bounds check
+                else:
+                    blocks[key][j, lo:hi] = values[at]
+    return {key: torch.from_numpy(block) for key, block in blocks.items()}
 
 
 def column_sums(block: Tensor, columns: Sequence[str], where: str, split: str, rows: np.ndarray | None = None) -> np.ndarray:
@@ -86,8 +103,10 @@ class Moments:
     def of(cls, block: Tensor, sums: np.ndarray) -> Moments:
         count = block.shape[1]
         mean = sums / max(count, 1)
-        centred = block - torch.from_numpy(mean).float().unsqueeze(1)
-        m2 = torch.linalg.vector_norm(centred, dim=1).double().square().numpy()
+        m2 = np.empty_like(mean)
+        for j, values in enumerate(block.numpy()):  # a column at a time: no block-sized temporary
+            centred = values - np.float32(mean[j])
+            m2[j] = np.dot(centred, centred)
         return cls(count, mean, m2)
 
     @classmethod
@@ -154,7 +173,8 @@ class InputEncoder:
         """The model's inputs ``(n, width)`` from a ``(len(numeric), n)`` block and one code
         vector per categorical column."""
         count = numeric.shape[1]
-        out = torch.empty(count, self.width)
+        # numpy's allocation asks the kernel for huge pages: a large result is written several times faster
+        out = torch.from_numpy(np.empty((count, self.width), dtype=np.float32))
         standardised = out[:, :len(self.numeric)]
         torch.sub(numeric.t(), self.mean, out=standardised)
         standardised.div_(self.std)

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from mtl_runner.data.base import Batch, default_num_workers
-from mtl_runner.data.table_inputs import InputEncoder, Moments, column_sums, numeric_block
+from mtl_runner.data.table_inputs import InputEncoder, Moments, column_sums, numeric_blocks
 from mtl_runner.errors import ConfigError
 
 #: Share of the memory budget a pass's shuffle window may fill with encoded inputs.
@@ -57,10 +57,10 @@ def first_pass(parquet: pq.ParquetFile, numeric: Sequence[str], rows: dict[str, 
     moments = Moments.empty(len(numeric))
     for group in range(parquet.num_row_groups):
         data = parquet.read_row_group(group, columns=list(numeric))
-        for name, split_rows in rows.items():
-            lo, hi = np.searchsorted(split_rows, starts[group:group + 2])
-            block = numeric_block(data, numeric, split_rows[lo:hi] - starts[group])
-            sums = column_sums(block, numeric, file, name, split_rows[lo:hi])
+        here = {name: split_rows[slice(*np.searchsorted(split_rows, starts[group:group + 2]))] for name, split_rows in rows.items()}
+        blocks = numeric_blocks(data, numeric, {name: file_rows - starts[group] for name, file_rows in here.items()})
+        for name, block in blocks.items():
+            sums = column_sums(block, numeric, file, name, here[name])
             if name == "train":
                 moments = moments.merge(Moments.of(block, sums))
     return moments
@@ -118,7 +118,7 @@ class StreamSplit:
         lo, hi = int(self.bounds[group]), int(self.bounds[group + 1])
         data = parquet.read_row_group(group, columns=self.numeric)
         local = self.rows[lo:hi] - self.starts[group]
-        block = numeric_block(data, self.numeric, None if hi - lo == data.num_rows else local)
+        block = numeric_blocks(data, self.numeric, {"rows": None if hi - lo == data.num_rows else local})["rows"]
         return self.encoder.encode(block, [code[lo:hi] for code in self.codes]), torch.arange(lo, hi)
 
 
