@@ -10,7 +10,8 @@ boundary:
 * every model whose body is a ``features`` sequence (EfficientNet, MobileNet, ConvNeXt,
   VGG, DenseNet, MNASNet, ShuffleNet's ``stage`` layout excepted): one stage per element;
 * ViT: one stage (patch embedding, class token and encoder, read at the class token), so
-  the output is a vector and strategies that need two stages or more refuse it themselves.
+  the output is a vector, and strategies that act between stages (cross-stitch, MTAN, FiLM,
+  learning_to_branch) act at that output only.
 
 Other families (Inception, GoogLeNet, Swin, MaxViT, ShuffleNet, SqueezeNet) raise a
 one-line error naming the supported ones. Each stage's width and the output stride are
