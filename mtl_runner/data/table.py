@@ -293,7 +293,8 @@ def table(
         small = {name: read_pandas(data[name], columns.in_memory) for name in SPLITS}
     else:
         file, where = str(path), dict.fromkeys(SPLITS, str(path))
-        parquet = table_stream.open_if_over_budget(table_file(path), memory_budget_mb)
+        parquet_file = table_file(path)
+        parquet = table_stream.open_if_over_budget(parquet_file, memory_budget_mb)
         source = parquet if parquet is not None else read_columns(path)
         data = dict.fromkeys(SPLITS, source)
         columns = TableColumns.of(column_names(source), specs, input_columns, categorical_columns, split_column, file)
@@ -304,20 +305,19 @@ def table(
     targets = {name: {task.name: split_targets[name] for task, split_targets in encoded} for name in SPLITS}
     for name in SPLITS:
         check_numeric(parquet.schema_arrow.empty_table() if parquet is not None else data[name], columns.numeric, where[name])
-    saved = summary.saved_preprocessing(statistics)["inputs"] if statistics is not None else None
-    categories = saved["categorical"] if saved is not None else {
+    encoder = None
+    if statistics is not None:  # fitted by an earlier run
+        encoder = InputEncoder.from_state(summary.saved_preprocessing(statistics)["inputs"], columns.numeric, columns.categorical,
+                                          f"dataset.statistics={statistics}")
+    categories = encoder.categories if encoder is not None else {
         c: sorted(small["train"][c].dropna().astype(str).unique().tolist()) for c in columns.categorical}
     codes = {name: [category_codes(small[name][c], categories[c]) for c in columns.categorical] for name in SPLITS}
 
-    def fitted(moments: Callable[[], Moments]) -> InputEncoder:
-        if saved is not None:
-            return InputEncoder.from_state(saved, columns.numeric, columns.categorical, f"dataset.statistics={statistics}")
-        return InputEncoder.fit(columns.numeric, moments(), categories)
-
     splits: dict[str, Any]
     if parquet is not None:
-        encoder = fitted(lambda: table_stream.first_pass(parquet, columns.numeric, rows, file))
-        splits = {name: table_stream.StreamSplit(table_file(path), parquet, columns.numeric, rows[name], encoder, codes[name],
+        if encoder is None:
+            encoder = InputEncoder.fit(columns.numeric, table_stream.first_pass(parquet, columns.numeric, rows, file), categories)
+        splits = {name: table_stream.StreamSplit(parquet_file, parquet, columns.numeric, rows[name], encoder, codes[name],
                                                  targets[name], memory_budget_mb) for name in SPLITS}
     else:
         if isinstance(path, Mapping):
@@ -325,7 +325,8 @@ def table(
         else:
             blocks = numeric_blocks(data["train"], columns.numeric, rows)
         sums = {name: column_sums(blocks[name], columns.numeric, where[name], name, rows[name]) for name in SPLITS}
-        encoder = fitted(lambda: Moments.of(blocks["train"], sums["train"]))
+        if encoder is None:
+            encoder = InputEncoder.fit(columns.numeric, Moments.of(blocks["train"], sums["train"]), categories)
         splits = {name: TensorSplit(encoder.encode(blocks.pop(name), codes[name]), targets[name]) for name in SPLITS}
     return TaskSet(
         "table", tuple(task for task, _ in encoded), splits["train"], splits["val"], splits["test"], (encoder.width,),
