@@ -82,10 +82,17 @@ def build_surgery(cfg: DictConfig) -> Surgery:
 
 def optimizer_factory(cfg: DictConfig) -> Any:
     """``optimizer.fused=null`` means fused kernels on CUDA: one kernel launch per step,
-    and the trainer can then skip a non-finite step on the device, without a host sync."""
+    and the trainer can then skip a non-finite step on the device, without a host sync.
+    ``optimizer.foreach=null`` means the multi-tensor update wherever the kernels are not
+    fused: torch's default on the CPU is a Python loop over the parameter tensors, which
+    with many task heads costs more than the update's arithmetic (docs/performance.md,
+    many tasks); the multi-tensor update gives the same values, bit for bit."""
     runtime: dict[str, Any] = {}
-    if "fused" in cfg.optimizer and cfg.optimizer.fused is None:
-        runtime["fused"] = resolve_device(cfg.trainer.device).type == "cuda"
+    fused = cfg.optimizer.get("fused")
+    if "fused" in cfg.optimizer and fused is None:
+        fused = runtime["fused"] = resolve_device(cfg.trainer.device).type == "cuda"
+    if "foreach" in cfg.optimizer and cfg.optimizer.foreach is None:
+        runtime["foreach"] = not fused
     return lambda groups: _instantiate(cfg.optimizer, "optimizer", params=groups, **runtime)
 
 

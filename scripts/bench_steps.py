@@ -1,8 +1,8 @@
 """Median milliseconds per training step of every surgery method, side by side in one
 process, against a plain single backward, T sequential backward passes and torchjd.
 
-Each column trains its own copy of the same model (same initial weights) with AdamW on
-fixed random batches; the step is what mtl-run's trainer does around the engine:
+Each column trains its own copy of the same model (same initial weights) with AdamW
+(``foreach``, as mtl-run) on fixed random batches; the step is what mtl-run's trainer does around the engine:
 zero_grad, ``GradientEngine.forward``, the task-loss vector, ``GradientEngine.backward``
 (balancer uniform, the method's YAML from conf/surgery/), optimizer step. Columns:
 
@@ -194,6 +194,13 @@ class Column:
     torchjd: Column | None = None  # the same method through torchjd, where it has it
 
 
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    """Every column's optimizer, alike so that the ratios compare the gradients' cost: the
+    multi-tensor update that mtl-run's ``optimizer.foreach=null`` gives (torch's CPU
+    default, a loop over the tensors, would add the same per-head cost to every column)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+
 def loss_list(workload: Workload, outputs: dict[str, Tensor]) -> list[Tensor]:
     _, targets = workload.batch
     return [loss(outputs[name], y) for loss, name, y in zip(workload.losses, workload.model.task_names, targets)]
@@ -205,7 +212,7 @@ def task_losses(workload: Workload, outputs: dict[str, Tensor]) -> Tensor:
 
 def plain_column(workload: Workload) -> Column:
     model = copy.deepcopy(workload.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -220,7 +227,7 @@ def sequential_column(workload: Workload) -> Column:
     Each starts at its own loss tensor: one started at an entry of the stacked loss
     vector would also run every other head's backward on zero gradients."""
     model = copy.deepcopy(workload.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -240,7 +247,7 @@ def load_surgery(name: str, space: str) -> Surgery:
 
 def engine_column(workload: Workload, surgery_name: str, space: str, strategy: Strategy, device: torch.device) -> Column:
     model = copy.deepcopy(workload.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model)
     surgery = load_surgery(surgery_name, space)
     surgery.setup(workload.num_tasks, torch.Generator(device=device).manual_seed(1))
     balancer = Uniform()
@@ -303,7 +310,7 @@ def torchjd_column(workload: Workload, name: str, aggregator: object) -> Column:
     from torchjd.autojac import jac_to_grad, mtl_backward
 
     model = copy.deepcopy(workload.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model)
     shared = model.shared_parameters()
 
     def step() -> None:
