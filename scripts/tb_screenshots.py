@@ -42,7 +42,7 @@ SIZES = ("dataset.image_size=32", "dataset.num_train=400", "dataset.num_val=200"
 # tab (the URL hash) -> file name and window size: the HPARAMS table of four rows needs
 # less height than the CUSTOM SCALARS page, whose first categories should be in view.
 TABS = {
-    "hparams": ("tb_hparams.png", (1600, 560)),
+    "hparams": ("tb_hparams.png", (1760, 400)),
     "custom_scalars": ("tb_custom_scalars.png", (1600, 1000)),
 }
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
