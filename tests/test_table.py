@@ -88,6 +88,9 @@ def test_a_streamed_table_splits_encodes_and_batches_as_in_memory(tmp_path: Path
     assert np.array_equal(seen, np.concatenate([ids(x, streamed) for x, _ in epochs[1]]))  # seeded
     assert not np.array_equal(seen, np.concatenate([ids(x, streamed) for x, _ in epochs[2]]))  # shuffled
     assert not np.array_equal(seen, np.sort(seen))
+    train.num_workers = 1  # read and encoded in a DataLoader worker: the same batches
+    in_worker = list(train.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0), device=CPU))
+    assert np.array_equal(seen, np.concatenate([ids(x, streamed) for x, _ in in_worker]))
 
 
 def test_a_window_smaller_than_the_split_still_mixes_row_groups(tmp_path: Path) -> None:
