@@ -22,6 +22,7 @@ from mtl_runner.optim.balancers.uniform import Uniform
 from mtl_runner.optim.jacobian import GradientEngine
 from mtl_runner.optim.surgery.base import GramianWeighting, Surgery, task_subset_methods
 from mtl_runner.tasks import Task
+from scripts import bench_task_subset as bench
 from tests.conftest import FixedWeights, compose_config, conf_options
 
 NUM_TASKS = 6
@@ -258,3 +259,19 @@ def test_a_balancer_reading_the_rows_is_refused_before_the_run() -> None:
     cfg = compose_config(["surgery=pcgrad", "surgery.task_subset=2", "balancer=dbmtl"])
     with pytest.raises(ConfigError, match=r"surgery\.task_subset .*balancer=dbmtl"):
         build.check_compatible(cfg)  # preflight's check: before a run directory exists
+
+
+@pytest.mark.slow
+def test_the_benchmark_script_measures_every_cell(one_thread) -> None:
+    """scripts/bench_task_subset.py on a 4-task copy of its workload, a few steps: every
+    (method, k) cell gets batches x draws readings, every column a time, every run a loss."""
+    workload = bench.mlp(4, torch.device("cpu"))
+    batches = bench.teacher_batches(workload, 2, seed=0)
+    found = bench.errors(workload, batches, ["sum", "upgrad"], [2, 3], draws=2)
+    assert sorted(found) == [("sum", 2), ("sum", 3), ("upgrad", 2), ("upgrad", 3)]
+    for cosines, relative in found.values():
+        assert len(cosines) == len(relative) == 4
+        assert all(-1 - 1e-9 <= c <= 1 + 1e-9 for c in cosines) and all(r >= 0 for r in relative)
+    times = bench.timings(workload, ["upgrad"], [2], warmup=0, rounds=1)
+    assert list(times) == ["plain", "upgrad exact", "upgrad k=2"] and all(ms > 0 for ms in times.values())
+    assert bench.train(workload, batches, "upgrad", 2, steps=3, seed=0) > 0
