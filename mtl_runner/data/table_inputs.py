@@ -55,7 +55,8 @@ def numeric_blocks(data: Columns, columns: Sequence[str], rows: Mapping[str, np.
     ``(len(columns), n)`` float32 block, one contiguous row per column; a missing cell is
     NaN. Each column is read once, piece by piece, for all entries."""
     total = data.num_rows if isinstance(data, pa.Table) else len(data)
-    blocks = {key: np.empty((len(columns), total if index is None else len(index)), dtype=np.float32) for key, index in rows.items()}
+    # torch's allocation, not numpy's: numpy asks for huge pages, whose first touch can stall on compaction
+    blocks = {key: torch.empty(len(columns), total if index is None else len(index)).numpy() for key, index in rows.items()}
     local: dict[tuple[str, int, int], tuple[int, int, np.ndarray]] = {}  # the pieces' row positions, shared by columns
     for j, name in enumerate(columns):
         for start, values in _pieces(data, name):
@@ -173,8 +174,7 @@ class InputEncoder:
         """The model's inputs ``(n, width)`` from a ``(len(numeric), n)`` block and one code
         vector per categorical column."""
         count = numeric.shape[1]
-        # numpy's allocation asks the kernel for huge pages: a large result is written several times faster
-        out = torch.from_numpy(np.empty((count, self.width), dtype=np.float32))
+        out = torch.empty(count, self.width)
         standardised = out[:, :len(self.numeric)]
         torch.sub(numeric.t(), self.mean, out=standardised)
         standardised.div_(self.std)
