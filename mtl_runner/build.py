@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from mtl_runner.data import summary as data_summary
 from mtl_runner.data.base import TaskSet
-from mtl_runner.errors import ConfigError
+from mtl_runner.errors import ConfigError, locate
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.base import Balancer
 from mtl_runner.optim.jacobian.engine import check_task_subset
@@ -140,7 +140,7 @@ TOKEN_SHARING = ("hard", "none", "soft", "cross_stitch", "learning_to_branch", "
 
 def _takes(node: DictConfig, argument: str) -> bool:
     try:
-        target = get_object(str(node._target_))
+        target = locate(str(node._target_))
     except Exception:  # config.validate reports an unimportable target
         return False
     return argument in inspect.signature(target).parameters

@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from mtl_runner.checkpoints import checkpoint_file
-from mtl_runner.errors import ConfigError
+from mtl_runner.errors import ConfigError, locate
 
 #: The Hydra config tree every command composes (``mtl-run``, ``mtl-affinity``, the tests).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -278,7 +277,7 @@ def validate_target_node(node: Any, path: str) -> None:
         raise ConfigError(f"{path}: expected a config with _target_, got {OmegaConf.to_yaml(node).strip()!r}")
     target_name = node["_target_"]
     try:
-        target = get_object(target_name)
+        target = locate(target_name)
     except Exception as exc:  # hydra raises ImportError or its own error types
         raise ConfigError(f"{path}._target_: cannot import {target_name!r} ({exc.__class__.__name__})") from None
     signature = inspect.signature(target)

@@ -7,7 +7,12 @@ to pull in the layer that reports it.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DatasetRootError", "ReportError"]
+import logging
+from typing import Any
+
+from hydra.utils import get_object
+
+__all__ = ["ConfigError", "DatasetRootError", "ReportError", "locate"]
 
 
 class ConfigError(ValueError):
@@ -22,3 +27,16 @@ class DatasetRootError(FileNotFoundError):
 
 class ReportError(Exception):
     """Bad input to ``mtl-report`` (a path, a column, an output file): one line, exit code 2."""
+
+
+def locate(path: str) -> Any:
+    """The object at a dotted import path (a ``_target_``), as Hydra's ``get_object`` finds
+    it, but without the multi-line ERROR record Hydra logs before raising: every caller turns
+    the failure into its own one-line error, and the log would print above it."""
+    logger = logging.getLogger("hydra.utils")
+    was_disabled = logger.disabled
+    logger.disabled = True
+    try:
+        return get_object(path)
+    finally:
+        logger.disabled = was_disabled

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -31,7 +31,7 @@ from mtl_runner.build import build_balancer, build_surgery, check_compatible
 from mtl_runner.checkpoints import last_checkpoint
 from mtl_runner.config import CONF_DIR, PRESENTATION_KEYS, target_keys, validate
 from mtl_runner.data.roots import check_dataset
-from mtl_runner.errors import ConfigError, DatasetRootError
+from mtl_runner.errors import ConfigError, DatasetRootError, locate
 
 __all__ = ["INFO_FLAGS", "fail", "override", "preflight"]
 
@@ -111,7 +111,7 @@ def _explain(exc: Exception, overrides: list[str], config_name: str = "config") 
             base = compose(config_name, overrides=rest)
             node = OmegaConf.select(base, parent) if parent else base
             if isinstance(node, DictConfig) and "_target_" in node:  # a method's own parameters
-                keys = target_keys(get_object(str(node["_target_"])), parent)
+                keys = target_keys(locate(str(node["_target_"])), parent)
             else:
                 keys = [str(k) for k in node.keys() if not str(k).startswith("_")] if isinstance(node, DictConfig) else []
             allowed = ", ".join(keys) or "(none)"

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from hydra.utils import get_object
 from torch import Tensor
 
-from mtl_runner.errors import ConfigError
+from mtl_runner.errors import ConfigError, locate
 
 __all__ = ["UserMetric", "UserMetricAccumulator", "build_callable", "user_metric", "parse_metrics", "is_stateful_metric"]
 
@@ -49,7 +48,7 @@ def build_callable(key: str, node: Any) -> Any:
     target_name = str(node["_target_"])
     arguments = {str(k): v for k, v in node.items() if k != "_target_"}
     try:
-        target = get_object(target_name)
+        target = locate(target_name)
     except Exception:
         raise ConfigError(f"{key}._target_: cannot import {target_name!r}; give a class or function by its import path") from None
     if not callable(target):

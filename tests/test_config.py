@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl_runner.build import build_balancer, build_surgery
 from mtl_runner.config import CONF_DIR, validate
-from mtl_runner.errors import ConfigError
+from mtl_runner.errors import ConfigError, locate
 from mtl_runner.preflight import preflight
 from tests.conftest import compose_config, run_cli
 
@@ -143,3 +143,19 @@ def test_validate_rejects_unknown_target_key() -> None:
     cfg.backbone.widths = [1, 2]  # not a SmallCNN argument: e.g. a hand-edited YAML
     with pytest.raises(ConfigError, match="unknown key backbone.widths.*allowed: channels, strides"):
         validate(cfg)
+
+
+def test_an_unimportable_target_logs_nothing_above_its_one_line_error(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hydra logs a multi-line ERROR before raising; with a handler on the root logger (as
+    under Hydra's job logging) it printed above mtl-run's one-line error."""
+    with pytest.raises(Exception):
+        locate("no_such_pkg.thing")
+    assert caplog.records == []
+    with pytest.raises(SystemExit) as exit_info:
+        preflight(["dataset._target_=no_such_pkg.dataset"])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "dataset._target_: cannot import 'no_such_pkg.dataset'" in err[0], err
+    assert caplog.records == []

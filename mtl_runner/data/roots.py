@@ -27,10 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from mtl_runner.errors import DatasetRootError
+from mtl_runner.errors import DatasetRootError, locate
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -100,7 +99,7 @@ def check_dataset(node: DictConfig | dict[str, Any]) -> None:
     Raises :class:`DatasetRootError` (or ``ValueError`` for a bad value)."""
     target_name = node["_target_"]
     try:
-        target = get_object(str(target_name))
+        target = locate(str(target_name))
     except Exception:  # validate() reports an unimportable target
         return
     check = getattr(target, "check_root", None)
