@@ -11,8 +11,10 @@ hparams experiment, and has Chromium screenshot each tab into ``--out``:
         [--out docs] [--chromium PATH] [override ...]
 
 Trailing arguments are extra ``mtl-run`` overrides for the sweep. Chromium comes from the
-system (Debian: ``apt-get install chromium``); it is no dependency of the project. The
-sweep takes a few minutes on a 2-core CPU, the screenshots about ten seconds each.
+system (Debian: ``apt-get install chromium``); it is no dependency of the project. On a
+2-core CPU the whole script took 142 s with nothing else running (most of it training the
+single-task baselines; 23 s once they are cached in ``outputs/baselines``) and 31 minutes
+when other jobs kept the load at 10-14.
 
 TensorBoard is a single-page app that fetches its data after the page loads: the tab is
 chosen by the URL's hash, and ``--virtual-time-budget`` lets the page run its timers and
