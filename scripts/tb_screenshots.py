@@ -82,7 +82,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get_json(url: str, body: dict | None = None) -> object:
+def get_json(url: str, body: dict | None = None) -> object:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
     with urllib.request.urlopen(request, timeout=10) as response:
@@ -104,8 +104,8 @@ def tensorboard(logdir: Path, expected_runs: Sequence[str]) -> Iterator[str]:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             with contextlib.suppress(OSError, ValueError):
-                runs = _get_json(f"{base}/data/runs")
-                experiment = _get_json(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+                runs = get_json(f"{base}/data/runs")
+                experiment = get_json(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
                 if set(expected_runs) <= set(runs) and experiment.get("hparamInfos"):  # type: ignore[union-attr, arg-type]
                     break
             if server.poll() is not None or time.monotonic() > deadline:
