@@ -248,17 +248,23 @@ def screen(user: Sequence[str], epochs: int, seed_list: Sequence[int], out: Path
     print(plan.describe(budget_minutes, diagnose_seconds), flush=True)
     budget = [*common, f"trainer.max_batches_per_epoch={plan.cap if plan.cap is not None else 'null'}"]
     groups: list[seeds.SeedGroup] = []
+    total = len(candidates) * len(seed_list)
     for candidate in candidates:
         group = seeds.SeedGroup(label=_label(candidate), overrides=dict(i.split("=", 1) for i in candidate))
         for seed in seed_list:
             name = f"{_label(candidate).replace(' ', ',')},seed={seed}"
+            run_started = time.perf_counter()
             results = run_experiment(_compose([*budget, *candidate, f"trainer.seed={seed}"]), out / name,
-                                     run_name=name, taskset=taskset)
+                                     run_name=name, taskset=taskset, quiet=True)  # one line per run instead
             group.jobs.append(str(seed))
             for field, store in (("val", group.val_delta_m), ("test", group.test_delta_m)):
                 value = results[field].get("delta_m_pct")
                 if value is not None:
                     store[str(seed)] = float(value)
+            done = sum(len(g.jobs) for g in groups) + len(group.jobs)
+            val = group.val_delta_m.get(str(seed))
+            print(f"[{done}/{total}] {name}: validation Δm {'-' if val is None else f'{val:+.2f}%'} "
+                  f"({time.perf_counter() - run_started:.0f} s, baselines included where trained)", flush=True)
         groups.append(group)
     reference = groups[candidates.index(REFERENCE)]
     summaries = seeds.summarise(groups, reference, "val")

@@ -79,10 +79,11 @@ def hparam_values(cfg: DictConfig, choices: dict[str, str] | None,
 
 def run_experiment(
     cfg: DictConfig, run_dir: Path, run_name: str | None = None, choices: dict[str, str] | None = None,
-    swept: dict[str, list[str]] | None = None, taskset: TaskSet | None = None,
+    swept: dict[str, list[str]] | None = None, taskset: TaskSet | None = None, quiet: bool = False,
 ) -> dict[str, Any]:
     """Train, test and write results. ``taskset``: the config's data, built once by a caller
-    that runs several configs on it (``mtl-advise``). SIGINT/SIGTERM during training stop the run at the
+    that runs several configs on it (``mtl-advise``, which also asks for ``quiet``: nothing
+    printed, the files written as always). SIGINT/SIGTERM during training stop the run at the
     next step boundary with a checkpoint (:class:`~mtl_runner.train.interrupt.RunInterrupted`). On
     failure or interrupt the run dir records the status (``results.json`` status
     ``failed``/``interrupted``, the traceback of a failure in ``error.txt``) and the
@@ -91,7 +92,7 @@ def run_experiment(
     run_dir = Path(run_dir)
     name = run_name or run_dir.name
     try:
-        return _run(cfg, run_dir, name, choices, swept, taskset)
+        return _run(cfg, run_dir, name, choices, swept, taskset, quiet)
     except ConfigError:
         raise
     except BaseException as exc:
@@ -115,12 +116,12 @@ def _record_failure(cfg: DictConfig, run_dir: Path, name: str, exc: BaseExceptio
 
 
 def _run(cfg: DictConfig, run_dir: Path, run_name: str, choices: dict[str, str] | None,
-         swept: dict[str, list[str]] | None, taskset: TaskSet | None) -> dict[str, Any]:
+         swept: dict[str, list[str]] | None, taskset: TaskSet | None, quiet: bool) -> dict[str, Any]:
     started = time.perf_counter()
     # Under trainer.strategy=ddp every rank trains; rank 0 alone writes and prints.
     group = distributed.init_process_group(cfg.trainer.device) if cfg.trainer.strategy == "ddp" else None
     main = group is None or group.is_main
-    console = Console(quiet=not main)
+    console = Console(quiet=quiet or not main)
     prepare_process(cfg)
     checkpoint = load_resume_checkpoint(cfg, run_dir) if cfg.resume else None
     run = build_run(cfg, run_dir, name=run_name, group=group, console=console, taskset=taskset,

@@ -89,7 +89,13 @@ def test_screening_runs_and_ends_in_a_command(tmp_path: Path, capsys: pytest.Cap
     assert "Budget 10 min: 1 epoch x all 4 batches per run" in text
     assert "**no diagnostics**" not in text and "| balancer=famo surgery=none | 2 |" in text
     assert "balancer=uniform surgery=pcgrad" in text and "\n    mtl-run -m " in text
-    assert capsys.readouterr().out.strip().endswith("trainer.seed=0,1,2")
+    out = capsys.readouterr().out
+    assert out.strip().endswith("trainer.seed=0,1,2")
+    # One line per screening run, not each run's own summary (its files are still written).
+    progress = [line for line in out.splitlines() if line.startswith("[")]
+    assert len(progress) == 8 and progress[0].startswith("[1/8] balancer=uniform,surgery=none,seed=0: validation Δm ")
+    assert "test metrics:" not in out
+    assert (tmp_path / "advice" / "balancer=famo,surgery=none,seed=1" / "results.md").is_file()
 
 
 @pytest.mark.slow
