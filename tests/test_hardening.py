@@ -93,6 +93,7 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_a_resume_command_that_work
 def test_sigterm_exits_143_a_requeued_job_resumes_and_a_second_ctrl_c_exits_at_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     args = [*TWO_EPOCHS, f"hydra.run.dir={tmp_path / 'job'}"]
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a process started in the background
     with monkeypatch.context() as patched:
         signal_at_step(patched, 1, signal.SIGTERM)
         code, err = mtl_run(args, tmp_path, patched, capsys)
@@ -108,7 +109,7 @@ def test_sigterm_exits_143_a_requeued_job_resumes_and_a_second_ctrl_c_exits_at_o
     assert code == 130 and err.strip().startswith(f"mtl-run: stopped at once by Ctrl-C (a second one, or outside the training steps); the checkpoint {checkpoint} is intact")
     assert json.loads((tmp_path / "job" / "results.json").read_text())["status"] == "interrupted"
     assert torch.load(checkpoint, weights_only=False)["state"]["step"] == 2  # the resumed run started there
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
 
 
 @pytest.mark.parametrize("value", ["runs/my run ü", 'a"b', "a\\b", "end\\", "x,y=[z]", "plain/path-1.0"])
