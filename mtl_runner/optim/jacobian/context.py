@@ -71,13 +71,16 @@ class StepContext:
     """One step's inputs to the backward: the task losses and the balancer's weights
     (``weights`` keeps its graph for balancers that learn, ``w`` is detached), the loss
     values the balancer and surgery read (``observed``: under ddp the mean over ranks),
-    the loss scale, and where the forward split (None: it did not)."""
+    the loss scale, where the forward split (None: it did not), and whether the step's
+    callbacks read every task's row (``all_rows``: a diagnostics step; with a task subset
+    the other steps compute the sampled rows only)."""
 
     losses: Tensor
     weights: Tensor
     observed: Tensor
     scale: LossScale
     split: Split | None
+    all_rows: bool = False
 
     @property
     def w(self) -> Tensor:

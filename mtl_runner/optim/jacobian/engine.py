@@ -130,6 +130,7 @@ class GradientEngine:
             observed=losses.detach() if observed is None else observed,
             scale=LossScale(loss_scale),
             split=self._split,
+            all_rows=need_jacobian,
         )
         self._split = None
         self._balancer_backward(ctx)
@@ -141,8 +142,6 @@ class GradientEngine:
             self._plain.backward(ctx, extra)
             return StepGradients(jacobian=losses.new_zeros((losses.shape[0], 0)) if wants_full else None)
         if wants_full:
-            if isinstance(self._full, ParamsPath):
-                return self._full.backward(ctx, extra, all_rows=need_jacobian)
             return self._full.backward(ctx, extra)
         if self.balancer.requires_grads == "last_shared":
             self._last_shared.backward(ctx, extra)

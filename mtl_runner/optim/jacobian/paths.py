@@ -135,8 +135,8 @@ class ParamsPath:
         self.direction = direction
         self.reduction = reduction
 
-    def backward(self, ctx: StepContext, extra: Tensor | None, *, all_rows: bool = False) -> StepGradients:
-        """``all_rows``: the step's callbacks read every task's row (a diagnostics step).
+    def backward(self, ctx: StepContext, extra: Tensor | None) -> StepGradients:
+        """``ctx.all_rows``: the step's callbacks read every task's row (a diagnostics step).
         With a task subset the rows of all tasks are then computed and the direction
         still comes from the sampled ones, so that what a run learns does not depend on
         when its diagnostics look; on the other steps only the sampled rows exist, and
@@ -147,10 +147,10 @@ class ParamsPath:
         # its own graph, kept to be safe): the passes free the graph as they go.
         rows = self.rows.rows(
             ctx.losses, self.params.shared, ctx.scale, with_heads=True, retain=extra is not None, through=ctx.split,
-            subset=None if all_rows else subset,
+            subset=None if ctx.all_rows else subset,
         )
         jacobian, head_grads = mean_over_ranks(self.reduction, *rows)
-        sampled = jacobian if subset is None or not all_rows else jacobian[subset.to(jacobian.device)]
+        sampled = jacobian if subset is None or not ctx.all_rows else jacobian[subset.to(jacobian.device)]
         direction = self.direction(ctx, sampled, self._last_rows, subset)
         if direction.untyped_storage().data_ptr() == jacobian.untyped_storage().data_ptr():
             direction = direction.clone()  # .grad gets views of it: never of the returned J
@@ -158,7 +158,7 @@ class ParamsPath:
         assign_heads(self.params.task_params, head_grads, ctx.w)
         if extra is not None:
             extra.backward()
-        full = jacobian if subset is None or all_rows else None
+        full = jacobian if subset is None or ctx.all_rows else None
         return StepGradients(jacobian=full, surgery_weights=self.direction.surgery.last_weights)
 
     def _last_rows(self, jacobian: Tensor) -> Tensor:
