@@ -14,6 +14,7 @@ import torch
 
 from mtl_runner.data.summary import FILE_NAME
 from mtl_runner.data.table import table
+from mtl_runner.data.table_inputs import CHUNK_ROWS
 from mtl_runner.data.table_stream import StreamSplit
 from mtl_runner.errors import ConfigError
 from mtl_runner.runner import run_experiment
@@ -168,3 +169,36 @@ def test_saved_statistics_must_fit_the_table(tmp_path: Path) -> None:
         table(str(path), TASKS, input_columns=["x"], statistics=str(tmp_path))
     with pytest.raises(ConfigError, match="dataset.statistics=.*no data_summary.json"):
         table(str(path), TASKS, input_columns=["x", "wide"], statistics=str(tmp_path / "elsewhere"))
+
+
+def test_statistics_match_float64_across_chunks_far_from_zero_and_near_float32_limits(tmp_path: Path) -> None:
+    """The in-memory read gathers and sums a few thousand rows at a time in float32: its
+    statistics must still be those of the whole training split in float64, for a column
+    whose mean is far from its spread, one with nulls (missing: NaN, an error), and one
+    whose squares overflow float32."""
+    rows = 3 * CHUNK_ROWS + 17  # several chunks, the last one short
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({
+        "far": (rng.standard_normal(rows) * 0.01 + 1e4).astype(np.float32),
+        "huge": (rng.standard_normal(rows) * 1e20).astype(np.float32),
+        "small": rng.integers(0, 5, rows).astype(np.int16),
+        "part": rng.choice(["train", "train", "val", "test"], rows),
+    })
+    frame["flag"] = rng.integers(0, 2, rows)
+    frame["amount"] = rng.standard_normal(rows)
+    frame["group"] = rng.integers(0, 3, rows)
+    frame.to_parquet(tmp_path / "t.parquet", row_group_size=CHUNK_ROWS + 5)  # chunks straddle row groups
+    taskset = table(str(tmp_path / "t.parquet"), TASKS, input_columns=["far", "huge", "small"], split_column="part")
+    train = frame[frame["part"] == "train"]
+    for column, stats in taskset.preprocessing["inputs"]["numeric"].items():
+        exact = train[column].to_numpy(np.float64)
+        assert stats["mean"] == pytest.approx(exact.mean(), rel=2e-7, abs=1e-4 * exact.std()), column  # saved as float32
+        assert stats["std"] == pytest.approx(exact.std(), rel=1e-5), column
+    assert taskset.train.inputs.shape == (len(train), 3)
+    torch.testing.assert_close(taskset.train.inputs.mean(0), torch.zeros(3), atol=1e-3, rtol=0)
+
+    frame.loc[2 * CHUNK_ROWS + 3, "far"] = np.nan  # a null in a later chunk, in whichever split it falls
+    frame.to_parquet(tmp_path / "null.parquet", row_group_size=CHUNK_ROWS + 5)
+    split = frame.loc[2 * CHUNK_ROWS + 3, "part"]
+    with pytest.raises(ConfigError, match=rf"input column 'far' row {2 * CHUNK_ROWS + 4} \({split}\): nan"):
+        table(str(tmp_path / "null.parquet"), TASKS, input_columns=["far", "huge", "small"], split_column="part")

@@ -18,7 +18,7 @@ Reusable pieces:
   (categories of the training split; an unseen one is all zeros).
 
 :func:`table` reads the targets, the split column and the categorical inputs with pandas,
-and the numeric inputs column by column from pyarrow into one float32 block per split
+and the numeric inputs from pyarrow into one row-major float32 matrix per split
 (:mod:`mtl_runner.data.table_inputs`); a Parquet file over ``dataset.memory_budget_mb``
 keeps only the former in memory and streams the numeric inputs by row group
 (:mod:`mtl_runner.data.table_stream`), with the same split, targets and statistics.
@@ -48,7 +48,7 @@ from mtl_runner.data.table_io import (  # noqa: F401 (image_table and text_table
     split_rows, table_file,
 )
 from mtl_runner.data.table_inputs import (
-    Columns, InputEncoder, Moments, category_codes, column_sums, is_numeric_column, numeric_blocks,
+    Columns, InputEncoder, category_codes, column_sums, is_numeric_column, numeric_blocks, numeric_matrices,
 )
 from mtl_runner.errors import ConfigError
 from mtl_runner.task_targets import UserMetric, build_callable, parse_metrics
@@ -320,14 +320,14 @@ def table(
         splits = {name: table_stream.StreamSplit(parquet_file, parquet, columns.numeric, rows[name], encoder, codes[name],
                                                  targets[name], memory_budget_mb) for name in SPLITS}
     else:
+        width = len(columns.numeric) + sum(len(values) for values in categories.values())
         if isinstance(path, Mapping):
-            blocks = {name: numeric_blocks(data[name], columns.numeric, {name: None})[name] for name in SPLITS}
+            read = {name: numeric_matrices(data[name], columns.numeric, {name: None}, width, where[name])[name] for name in SPLITS}
         else:
-            blocks = numeric_blocks(data["train"], columns.numeric, rows)
-        sums = {name: column_sums(blocks[name], columns.numeric, where[name], name, rows[name]) for name in SPLITS}
+            read = numeric_matrices(data["train"], columns.numeric, rows, width, file)
         if encoder is None:
-            encoder = InputEncoder.fit(columns.numeric, Moments.of(blocks["train"], sums["train"]), categories)
-        splits = {name: TensorSplit(encoder.encode(blocks.pop(name), codes[name]), targets[name]) for name in SPLITS}
+            encoder = InputEncoder.fit(columns.numeric, read["train"][1], categories)
+        splits = {name: TensorSplit(encoder.standardise(read.pop(name)[0], codes[name]), targets[name]) for name in SPLITS}
     return TaskSet(
         "table", tuple(task for task, _ in encoded), splits["train"], splits["val"], splits["test"], (encoder.width,),
         preprocessing={"file": file, "inputs": encoder.state()},

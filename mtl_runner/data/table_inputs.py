@@ -1,15 +1,13 @@
 """A table's input columns as one float32 matrix: numeric columns standardised with the
 training split's statistics, declared categorical columns one-hot over its categories.
 
-Built for speed on large tables (docs/own-data.md#throughput): the numeric columns are read
-from pyarrow column by column (zero-copy where the file's type is float32) into one
-column-major block per split; the statistics are two vectorised passes over that block
-(float64 sums, which also detect a non-finite value: float32 values summed in float64
-cannot overflow, so a sum is non-finite exactly when its column holds a NaN or an
-infinity; then the centred sum of squares); the standardisation writes the row-major
-result in one transposing pass. Blocks of rows seen one at a time (a streamed Parquet
-file's row groups) combine their statistics exactly as one block would
-(:meth:`Moments.merge`).
+Built for speed on large tables (docs/own-data.md#throughput): a table held in memory is
+read by :func:`numeric_matrices` in one pass, a few thousand rows of the file at a time
+transposed in cache and gathered row by row into each split's matrix, its moments taken
+there (shifted float32 sums combined in float64, which also find a non-finite value), then
+standardised in place. A streamed Parquet file is encoded a row group at a time from
+column-major blocks (:func:`numeric_blocks`); blocks of rows seen one at a time combine
+their statistics exactly as one block would (:meth:`Moments.merge`).
 """
 
 from __future__ import annotations
@@ -28,6 +26,10 @@ from mtl_runner.errors import ConfigError
 
 
 Columns = pa.Table | pd.DataFrame
+#: File rows read per step of :func:`numeric_matrices`: at fifty float32 columns, the step's
+#: scratches hold 800 KiB each, which a core's cache keeps while they are transposed,
+#: gathered and summed (measured: larger steps were no faster, smaller ones paid per call).
+CHUNK_ROWS = 4096
 
 
 def is_numeric_column(data: Columns, name: str) -> bool:
@@ -37,58 +39,104 @@ def is_numeric_column(data: Columns, name: str) -> bool:
     return pd.api.types.is_numeric_dtype(data[name]) or pd.api.types.is_bool_dtype(data[name])
 
 
-def _pieces(data: Columns, name: str) -> Iterator[tuple[int, np.ndarray]]:
-    """A column as numpy arrays, each with its first row: a pyarrow column chunk by chunk
-    (zero-copy for a float column without nulls; a null becomes NaN), a pandas one whole."""
-    if isinstance(data, pa.Table):
-        column = data.column(name)
-        start = 0
-        for chunk in (column if column.null_count == 0 else column.cast(pa.float64())).chunks:
-            yield start, chunk.to_numpy(zero_copy_only=False)
-            start += len(chunk)
-    else:
-        yield 0, data[name].to_numpy(dtype=np.float32, na_value=np.nan)
-
-
 def numeric_blocks(data: Columns, columns: Sequence[str], rows: Mapping[str, np.ndarray | None]) -> dict[str, Tensor]:
     """``columns`` of ``data`` at each entry's ``rows`` (``None``: all rows) as a
     ``(len(columns), n)`` float32 block, one contiguous row per column; a missing cell is
-    NaN. Each column is read once, piece by piece, for all entries."""
-    total = data.num_rows if isinstance(data, pa.Table) else len(data)
+    NaN. The streamed path encodes a row group at a time from such blocks; a table held in
+    memory is read by :func:`numeric_matrices` instead."""
     # torch's allocation, not numpy's: numpy asks for huge pages, whose first touch can stall on compaction
-    blocks = {key: torch.empty(len(columns), total if index is None else len(index)).numpy() for key, index in rows.items()}
-    local: dict[tuple[str, int, int], tuple[int, int, np.ndarray]] = {}  # the pieces' row positions, shared by columns
-    for j, name in enumerate(columns):
-        for start, values in _pieces(data, name):
-            stop = start + len(values)
-            values = values.view(np.uint8) if values.dtype == np.bool_ else values
-            for key, index in rows.items():
-                if index is None:
-                    blocks[key][j, start:stop] = values
-                    continue
-                if (key, start, stop) not in local:
-                    lo, hi = np.searchsorted(index, (start, stop))
-                    local[key, start, stop] = (lo, hi, index[lo:hi] - start)
-                lo, hi, at = local[key, start, stop]
-                if values.dtype == np.float32:
-                    np.take(values, at, out=blocks[key][j, lo:hi], mode="clip")  # positions are in range: no bounds check
-                else:
-                    blocks[key][j, lo:hi] = values[at]
+    blocks = {key: torch.empty(len(columns), _num_rows(data) if index is None else len(index)).numpy()
+              for key, index in rows.items()}
+    for start, arrays in _aligned_columns(data, columns):
+        stop = start + len(arrays[0])
+        for key, index in rows.items():
+            lo, hi = (start, stop) if index is None else np.searchsorted(index, (start, stop))
+            at = slice(None) if index is None else index[lo:hi] - start
+            for j, values in enumerate(arrays):
+                blocks[key][j, lo:hi] = values[at]
     return {key: torch.from_numpy(block) for key, block in blocks.items()}
 
 
 def column_sums(block: Tensor, columns: Sequence[str], where: str, split: str, rows: np.ndarray | None = None) -> np.ndarray:
     """Each column's float64 sum; a non-finite input is one line naming the column and row
     (``rows``: the block's row numbers in the file, counted from 0; default its own)."""
-    sums = block.numpy().sum(axis=1, dtype=np.float64)
+    return _finite_sums(block.numpy(), columns, where, split, rows)
+
+
+def _finite_sums(block: np.ndarray, columns: Sequence[str], where: str, split: str, rows: np.ndarray | None) -> np.ndarray:
+    sums = block.sum(axis=1, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(sums))
     if len(bad):
         j = int(bad[0])
-        i = int(np.flatnonzero(~np.isfinite(block[j].numpy()))[0])
+        i = int(np.flatnonzero(~np.isfinite(block[j]))[0])
         row = int(rows[i]) if rows is not None else i
         raise ConfigError(f"{where}: input column {columns[j]!r} row {row + 1} ({split}): {float(block[j, i])}; "
                           "inputs must be finite numbers (drop or impute the row)")
     return sums
+
+
+def _aligned_columns(data: Columns, columns: Sequence[str]) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """``columns`` as numpy arrays over row ranges they all share, each range with its first
+    row: a pyarrow table by record batch (zero-copy for a float column without nulls; a null
+    becomes NaN, a boolean 0 / 1), a pandas frame whole."""
+    if not columns:
+        return
+    if isinstance(data, pa.Table):
+        start = 0
+        for batch in data.select(list(columns)).to_batches():
+            arrays = [column.cast(pa.float64()) if column.null_count else column for column in batch.columns]
+            yield start, [_assignable(array.to_numpy(zero_copy_only=False)) for array in arrays]
+            start += batch.num_rows
+    else:
+        yield 0, [data[c].to_numpy(dtype=np.float32, na_value=np.nan) for c in columns]
+
+
+def _assignable(values: np.ndarray) -> np.ndarray:
+    return values.view(np.uint8) if values.dtype == np.bool_ else values
+
+
+def numeric_matrices(
+    data: Columns, columns: Sequence[str], rows: Mapping[str, np.ndarray | None], width: int, where: str
+) -> dict[str, tuple[Tensor, Moments]]:
+    """Per entry of ``rows`` (sorted row numbers; ``None``: every row): a row-major
+    ``(n, width)`` float32 matrix whose first ``len(columns)`` columns hold those rows of the
+    numeric ``columns`` as read (standardised later, in place, by
+    :meth:`InputEncoder.standardise`), and the moments of those values.
+
+    Why this shape: :data:`CHUNK_ROWS` rows of the file at a time are copied column by column
+    into a scratch and transposed into a row-major scratch, both small enough to stay in
+    cache; each entry's rows are then gathered from it whole (one copy per row, not one per
+    value) straight into the matrix, and their moments taken while they are still in cache.
+    Every value is read from the file's columns once and written to the matrix once, which
+    a column-major block transposed afterwards cannot do."""
+    index = {key: np.arange(_num_rows(data)) if at is None else at for key, at in rows.items()}
+    k = len(columns)
+    # torch's allocation, not numpy's: numpy asks for huge pages, whose first touch can stall on compaction
+    matrices = {key: torch.empty(len(at), width).numpy() for key, at in index.items()}
+    moments = {key: Moments.empty(k) for key in index}
+    # scratches allocated once: a block of this size allocated per chunk can cost a fresh mapping and its page faults
+    by_column = np.empty((k, CHUNK_ROWS), dtype=np.float32)
+    by_row = torch.empty(CHUNK_ROWS, k)
+    gathered, shifted = np.empty((CHUNK_ROWS, k), dtype=np.float32), np.empty((CHUNK_ROWS, k), dtype=np.float32)
+    for start, arrays in _aligned_columns(data, columns):
+        for first in range(0, len(arrays[0]), CHUNK_ROWS):
+            last = min(first + CHUNK_ROWS, len(arrays[0]))
+            for j, values in enumerate(arrays):
+                by_column[j, :last - first] = values[first:last]
+            by_row[:last - first].copy_(torch.from_numpy(by_column[:, :last - first]).t())
+            for key, at in index.items():
+                lo, hi = np.searchsorted(at, (start + first, start + last))
+                if hi == lo:
+                    continue
+                rows_here = gathered[:hi - lo]
+                np.take(by_row.numpy(), at[lo:hi] - (start + first), axis=0, out=rows_here, mode="clip")  # in range: no bounds check
+                moments[key] = moments[key].merge(Moments.of_rows(rows_here, shifted[:hi - lo], columns, where, key, at[lo:hi]))
+                matrices[key][lo:hi, :k] = rows_here
+    return {key: (torch.from_numpy(matrices[key]), moments[key]) for key in index}
+
+
+def _num_rows(data: Columns) -> int:
+    return data.num_rows if isinstance(data, pa.Table) else len(data)
 
 
 @dataclass(frozen=True)
@@ -109,6 +157,29 @@ class Moments:
             centred = values - np.float32(mean[j])
             m2[j] = np.dot(centred, centred)
         return cls(count, mean, m2)
+
+    @classmethod
+    def of_rows(cls, rows: np.ndarray, shifted: np.ndarray, columns: Sequence[str], where: str, split: str,
+                file_rows: np.ndarray) -> Moments:
+        """The moments of each column of a row-major block small enough to sit in cache; a
+        non-finite value is one line naming its column and row in the file. Sums of the
+        values less the block's first row (the shifted-data formula: no cancellation when
+        a column's mean is far from zero), in float32 by matrix-vector products whose
+        rounding is far below the data's own, combined in float64; ``shifted`` is a scratch
+        of the block's shape."""
+        count = len(rows)
+        shift = rows[0].astype(np.float64)
+        ones = np.ones(count, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow: settled in float64 below
+            np.subtract(rows, rows[0], out=shifted)
+            total = (ones @ shifted).astype(np.float64)
+            np.multiply(shifted, shifted, out=shifted)
+            squares = (ones @ shifted).astype(np.float64)
+        if not (np.isfinite(total).all() and np.isfinite(squares).all()):  # a NaN, an infinity, or values near float32's limit
+            exact = rows.T.astype(np.float64) - shift[:, None]
+            total = _finite_sums(exact, columns, where, split, file_rows)
+            squares = np.einsum("ij,ij->i", exact, exact)
+        return cls(count, shift + total / count, np.maximum(squares - total * total / count, 0.0))
 
     @classmethod
     def empty(cls, width: int) -> Moments:
@@ -173,19 +244,22 @@ class InputEncoder:
     def encode(self, numeric: Tensor, codes: Sequence[Tensor]) -> Tensor:
         """The model's inputs ``(n, width)`` from a ``(len(numeric), n)`` block and one code
         vector per categorical column."""
-        count = numeric.shape[1]
-        out = torch.empty(count, self.width)
-        standardised = out[:, :len(self.numeric)]
-        torch.sub(numeric.t(), self.mean, out=standardised)
-        standardised.div_(self.std)
+        out = torch.empty(numeric.shape[1], self.width)
+        out[:, :len(self.numeric)].copy_(numeric.t())
+        return self.standardise(out, codes)
+
+    def standardise(self, matrix: Tensor, codes: Sequence[Tensor]) -> Tensor:
+        """``matrix`` ``(n, width)``, whose first columns hold the raw numeric inputs, made
+        the model's inputs in place: those columns standardised, the rest one-hot."""
+        matrix[:, :len(self.numeric)].sub_(self.mean).div_(self.std)
         start = len(self.numeric)
         for code, categories in zip(codes, self.categories.values()):
-            one_hot = out[:, start:start + len(categories)]
+            one_hot = matrix[:, start:start + len(categories)]
             one_hot.zero_()
             labelled = code >= 0
             one_hot[labelled.nonzero().squeeze(1), code[labelled]] = 1.0
             start += len(categories)
-        return out
+        return matrix
 
     def state(self) -> dict[str, Any]:
         return {

@@ -10,7 +10,8 @@ same table streamed split alike.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,29 @@ SAMPLE_ROWS = 1000
 
 
 def _reading(file: Path, read: Callable[[], Any]) -> Any:
-    """``read()``'s result, its parse errors as one line naming the file."""
+    """``read()``'s result, its parse errors as one line naming the file; read into
+    :func:`system_memory_pool`."""
     try:
-        return read()
+        with system_memory_pool():
+            return read()
     except (ValueError, OSError) as exc:  # pandas / pyarrow parse errors
         raise ConfigError(f"{file}: cannot be read as a {file.suffix.lower()[1:]} table ({str(exc).splitlines()[0]})") from None
+
+
+@contextmanager
+def system_memory_pool() -> Iterator[None]:
+    """pyarrow allocates from the C library's allocator meanwhile, instead of its default
+    pool. Why: a run reads its table once, in a fresh process, and on the Linux machines we
+    measured (transparent huge pages on request) the default pool (mimalloc) made that first
+    read slower and left memory behind whose reuse stalled the next large allocation outside
+    it for about 0.4 s per 200 MB (docs/own-data.md#throughput). Buffers keep the pool they
+    came from, so restoring the default afterwards is safe."""
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
 
 
 def table_file(path: str | Path) -> Path:
