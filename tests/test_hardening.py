@@ -11,7 +11,7 @@ import shlex
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -68,7 +68,31 @@ def signal_at_step(monkeypatch: pytest.MonkeyPatch, step: int, *signums: int) ->
 
 
 # ------------------------------------------------------------- 1, 2: signals
+@pytest.fixture
+def interactive_sigint() -> Iterator[None]:
+    """SIGINT handled as in a terminal, even in a test process started with it ignored (a
+    background job): mtl-run keeps an ignored signal ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_signal_the_process_ignores_stays_ignored_during_training() -> None:
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        requests = interrupt.StopRequests()
+        with requests.active():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == requests.handle
+            os.kill(os.getpid(), signal.SIGINT)
+        assert requests.signum is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("interactive_sigint")
 def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_a_resume_command_that_works(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "my run, ü"  # a space, a comma, non-ASCII: all of it must survive quoting
@@ -90,10 +114,11 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_a_resume_command_that_work
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("interactive_sigint")
 def test_sigterm_exits_143_a_requeued_job_resumes_and_a_second_ctrl_c_exits_at_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     args = [*TWO_EPOCHS, f"hydra.run.dir={tmp_path / 'job'}"]
-    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a process started in the background
+    handler_before = signal.getsignal(signal.SIGINT)
     with monkeypatch.context() as patched:
         signal_at_step(patched, 1, signal.SIGTERM)
         code, err = mtl_run(args, tmp_path, patched, capsys)

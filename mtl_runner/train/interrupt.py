@@ -63,11 +63,16 @@ class StopRequests:
     @contextmanager
     def active(self) -> Iterator[None]:
         """Route SIGINT and SIGTERM here for the duration (main thread only; elsewhere,
-        e.g. a launcher's worker thread, the default handling stays)."""
+        e.g. a launcher's worker thread, the default handling stays). A signal the process
+        was started ignoring stays ignored: a job started in the background (``nohup ... &``,
+        a non-interactive shell's ``&``) was asked not to be stopped by the terminal's Ctrl-C."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {sig: signal.signal(sig, self.handle) for sig in EXIT_CODES}
+        previous = {sig: signal.getsignal(sig) for sig in EXIT_CODES}
+        for sig, handler in previous.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(sig, self.handle)
         try:
             yield
         finally:
