@@ -28,6 +28,7 @@ from mtl_runner.config import CONF_DIR, validate
 from mtl_runner.errors import ConfigError, DatasetRootError
 from mtl_runner.checkpoints import last_checkpoint
 from mtl_runner.preflight import fail, override, preflight
+from mtl_runner.train import distributed
 from mtl_runner.train.interrupt import EXIT_CODES, RunInterrupted
 
 
@@ -160,6 +161,7 @@ def run() -> None:
     try:
         sys.argv += preflight(sys.argv[1:])
         _hydra_main()
+        distributed.close_process_group()  # under torchrun; a failed rank ends its job without it
     except KeyboardInterrupt:  # outside a run (composing, checking files): nothing to save
         print("mtl-run: interrupted before training started; nothing was saved", file=sys.stderr)
         raise SystemExit(EXIT_CODES[signal.SIGINT]) from None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,21 @@ def test_ddp_outside_torchrun_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "trainer.strategy=ddp runs under torchrun" in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_mtl_run_under_torchrun_finishes_with_every_rank_exiting_cleanly(tmp_path: Path) -> None:
+    """Two ranks of a real `torchrun ... -m mtl_runner`: the run completes, both ranks
+    exit 0 (they leave the process group together), and only rank 0 writes the record."""
+    run_dir = tmp_path / "ddp run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               "-m", "mtl_runner", *DDP_CONFIG, "trainer.strategy=ddp", "trainer.device=cpu", "trainer.num_threads=1",
+               f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "terminate called" not in result.stderr
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
 
 
 @pytest.mark.slow

@@ -160,6 +160,15 @@ def init_process_group(device: str) -> DataParallel:
     return context
 
 
+def close_process_group() -> None:
+    """Leave torchrun's group after a run that every rank finished. All ranks meet first: a
+    rank that tears gloo down while another still reads from it aborts that one ("terminate
+    called without an active exception"), which turns a finished run into a failed job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device_for(context: DataParallel, device: torch.device) -> torch.device:
     """One GPU per rank: ``cuda`` means this rank's local GPU."""
     if device.type == "cuda":
