@@ -4,18 +4,18 @@
 :func:`build_callable` turns one such node into the object the task calls: a class is
 constructed with the node's other keys (``torch.nn.HuberLoss``, a torchmetrics class); a
 function is used as it is, or with the other keys bound (``functools.partial``), because a
-function is what the task calls per batch, not a factory. Both the preflight and the run
+function is what the task calls on the entries, not a factory. Both the preflight and the run
 build through it, so a bad node fails before anything is written.
 
 A metric of one's own (:class:`UserMetric`) declares its direction, which Δm, the per-task
 deltas, ``results.json`` and ``mtl-report`` read exactly as they read a built-in metric's.
-It is evaluated on the labelled entries of each batch (``mtl_runner.tasks.labelled_entries``
-selects them) in one of two forms:
+It is evaluated on the labelled entries of groups of batches (``mtl_runner.tasks``
+selects them, a group at a time) in one of two forms:
 
 * an object with ``update(pred, target)`` and ``compute()`` (a torchmetrics ``Metric``):
   every evaluation updates a fresh copy of it on the model's device and reads it back once;
-* a function ``(pred, target) -> scalar``: the value of one batch. The split's value is the
-  mean of the batch values weighted by each batch's number of labelled entries (exact for a
+* a function ``(pred, target) -> scalar``: the value of one group. The split's value is the
+  mean of the group values weighted by each group's number of labelled entries (exact for a
   metric that is a mean over entries), summed on the device in float64 and read back once.
 """
 
@@ -81,7 +81,7 @@ class UserMetric:
     def accumulator(self, device: torch.device) -> UserMetricAccumulator:
         if is_stateful_metric(self.definition):
             return _StatefulAccumulator(self, device)
-        return _BatchMeanAccumulator(self, device)
+        return _WeightedMeanAccumulator(self, device)
 
 
 def user_metric(key: str, name: str, node: Any) -> UserMetric:
@@ -127,7 +127,7 @@ def _one_number(metric: UserMetric, value: Any, device: torch.device | None = No
     """A metric's value as a 0-d float64 tensor; anything else is an error naming the metric."""
     tensor = torch.as_tensor(value, dtype=torch.float64, device=device)
     if tensor.numel() != 1:
-        raise ValueError(f"metric {metric.name!r}: must give one number (per batch, and from compute), got shape {tuple(tensor.shape)}")
+        raise ValueError(f"metric {metric.name!r}: must give one number (per call, and from compute), got shape {tuple(tensor.shape)}")
     return tensor.reshape(())
 
 
@@ -149,8 +149,8 @@ class _StatefulAccumulator:
         return float(_one_number(self.metric, self.state.compute()))
 
 
-class _BatchMeanAccumulator:
-    """Batch values weighted by their labelled-entry counts; ``sums`` is additive, so ddp
+class _WeightedMeanAccumulator:
+    """Values of groups of entries weighted by their labelled-entry counts; ``sums`` is additive, so ddp
     sums it over ranks like a built-in accumulator's statistics."""
 
     def __init__(self, metric: UserMetric, device: torch.device) -> None:
@@ -160,7 +160,7 @@ class _BatchMeanAccumulator:
     def update(self, pred: Tensor, target: Tensor, labelled: Tensor) -> None:
         value = _one_number(self.metric, self.metric.definition(pred, target), self.sums.device)
         count = labelled.to(torch.float64)
-        # a batch without labels adds nothing (its value, often NaN, is not read)
+        # a group without labels adds nothing (its value, often NaN, is not read)
         self.sums += torch.stack([torch.where(count > 0, value * count, 0.0), count])
 
     def compute(self) -> float:

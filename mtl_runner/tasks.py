@@ -15,7 +15,9 @@ never with a host-side test. :func:`loss_terms` gives the sum and the count behi
 mean, so an evaluation can take the exact mean over a whole split.
 
 A task may add metrics of its own (:class:`~mtl_runner.task_targets.UserMetric`, by
-``_target_``); they see the labelled entries that :func:`labelled_entries` selects.
+``_target_``); they see the labelled entries that :func:`labelled_entries` selects, of
+several batches at once (:data:`PENDING_BYTES`), so that a selection's host sync is not
+paid per batch.
 
 Why this module is long: each kind's labelled mask, loss and metric
 accumulator are defined together here, so a kind's definitions cannot drift apart.
@@ -176,13 +178,22 @@ def labelled_entries(task: Task, pred: Tensor, target: Tensor) -> tuple[Tensor, 
     segmentation per pixel, token kinds per token); normals ``(n, 3)`` per pixel; every
     other kind its labelled entries, flattened to ``(n,)``. Predictions are the head's raw
     outputs (scores, logits for binary and multilabel)."""
+    scores, labels, mask = entries(task, pred, target)
+    return scores[mask], labels[mask], mask.sum()
+
+
+def entries(task: Task, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every entry of a batch, labelled or not, in :func:`labelled_entries`' shapes, with the
+    mask of the labelled ones: what batches of any size can be concatenated as before the
+    selection, which (its size read back from the device) is a host sync."""
     mask = labelled_mask(task, target)
     if task.kind in ("segmentation", "normals"):  # channels first: one row per pixel
-        labels = target.movedim(1, -1) if task.kind == "normals" else target
-        return pred.movedim(1, -1)[mask], labels[mask], mask.sum()
-    class_scores = not target.is_floating_point() and pred.dim() == target.dim() + 1
-    scores = pred if class_scores else pred.reshape(target.shape)
-    return scores[mask], target[mask], mask.sum()
+        scores, labels = pred.movedim(1, -1), target.movedim(1, -1) if task.kind == "normals" else target
+    else:
+        class_scores = not target.is_floating_point() and pred.dim() == target.dim() + 1
+        scores, labels = pred if class_scores else pred.reshape(target.shape), target
+    flat = mask.numel()
+    return scores.reshape(flat, *scores.shape[mask.dim():]), labels.reshape(flat, *labels.shape[mask.dim():]), mask.reshape(flat)
 
 
 def task_loss(task: Task, pred: Tensor, target: Tensor) -> Tensor:
@@ -374,10 +385,17 @@ class _SpanAccumulator:
         return self.counter.compute()
 
 
+#: Evaluation outputs (bytes) that a task's own metrics hold before they select the
+#: labelled entries: a selection reads its size back from the device (a host sync), so
+#: it happens once per this much output (for a table, once per evaluation), not per batch.
+PENDING_BYTES = 64 * 2**20
+
+
 class _WithUserMetrics:
     """The kind's accumulator and the task's own metrics. The additive tensors of both are
     attributes here too, because ddp sums an accumulator's tensor attributes over ranks
-    (``train/distributed.py``) and updates them in place."""
+    (``train/distributed.py``, which :meth:`settle` s it first) and updates them in place.
+    The own metrics see groups of batches, concatenated up to :data:`PENDING_BYTES`."""
 
     def __init__(self, task: Task, device: torch.device) -> None:
         self.task = task
@@ -386,14 +404,29 @@ class _WithUserMetrics:
         additive = [v for acc in (self.builtin, *self.user.values()) for v in vars(acc).values() if isinstance(v, Tensor)]
         for index, tensor in enumerate(additive):
             setattr(self, f"statistic_{index}", tensor)
+        self.pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.pending_bytes = 0
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         self.builtin.update(pred, target)
-        labelled_pred, labelled_target, count = labelled_entries(self.task, pred, target)
+        batch = entries(self.task, pred.detach(), target)
+        self.pending.append(batch)
+        self.pending_bytes += sum(t.numel() * t.element_size() for t in batch)
+        if self.pending_bytes >= PENDING_BYTES:
+            self.settle()
+
+    def settle(self) -> None:
+        """Select the pending batches' labelled entries, in one go, for the own metrics."""
+        if not self.pending:
+            return
+        scores, labels, mask = (torch.cat(parts) for parts in zip(*self.pending))
+        self.pending, self.pending_bytes = [], 0
+        count = mask.sum()
         for accumulator in self.user.values():
-            accumulator.update(labelled_pred, labelled_target, count)
+            accumulator.update(scores[mask], labels[mask], count)
 
     def compute(self) -> dict[str, float]:
+        self.settle()
         return {**self.builtin.compute(), **{name: accumulator.compute() for name, accumulator in self.user.items()}}
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from mtl_runner import results as results_module
-from mtl_runner import task_targets
+from mtl_runner import task_targets, tasks
 from mtl_runner.assemble import build_run
 from mtl_runner.data.base import TaskSet, TensorSplit
 from mtl_runner.data.image_table import image_table
@@ -26,6 +26,7 @@ from mtl_runner.data.table import parse_tasks
 from mtl_runner.preflight import preflight
 from mtl_runner.runner import run_experiment
 from mtl_runner.tasks import IGNORE_INDEX, Task
+from mtl_runner.train.distributed import DataParallel
 from tests.conftest import compose_config, refusing_host_reads
 
 torchmetrics = pytest.importorskip("torchmetrics")
@@ -80,8 +81,10 @@ def test_own_metrics_are_added_to_the_kind_defaults_and_each_evaluation_starts_f
 
 def test_a_function_metric_that_does_not_reduce_is_an_error_naming_it() -> None:
     task = _regression_task({"diff": {"_target_": "torch.sub", "higher_is_better": False}})
+    accumulator = task.accumulator(CPU)
+    accumulator.update(torch.zeros(3, 1), torch.ones(3))
     with pytest.raises(ValueError, match=r"metric 'diff': must give one number .*got shape \(3,\)"):
-        task.accumulator(CPU).update(torch.zeros(3, 1), torch.ones(3))
+        accumulator.compute()
 
 
 def test_own_metric_updates_never_read_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,3 +245,40 @@ def test_own_metric_directions_reach_results_delta_m_and_hparams(tmp_path: Path)
     assert "| spend | mape | ↓ |" in (tmp_path / "run" / "results.md").read_text()
     assert "hparam/test/spend/mape" in results_module.final_metrics(out)
     assert saved["val"]["delta_pct"]["spend"]["mape"] is not None and "tm_acc" in saved["val"]["metrics"]["churn"]
+
+
+CALLS: list[int] = []
+
+
+def counted_error_rate(pred: Tensor, target: Tensor) -> Tensor:
+    """A user's metric that records how many entries each call saw."""
+    CALLS.append(len(target))
+    return (pred.argmax(-1) != target).float().mean()
+
+
+@pytest.mark.parametrize("pending_bytes", [None, 1], ids=["one selection", "one per batch"])
+def test_own_metrics_select_labelled_entries_of_several_batches_at_once(
+        monkeypatch: pytest.MonkeyPatch, pending_bytes: int | None) -> None:
+    """Token tagging with sequences of different lengths per batch: the own metric sees the
+    labelled tokens of all batches in one selection (the host sync a selection costs is paid
+    once per evaluation here), or of each batch when the budget is tiny; same value."""
+    if pending_bytes is not None:
+        monkeypatch.setattr(tasks, "PENDING_BYTES", pending_bytes)
+    spec = parse_tasks({"pos": {"kind": "classification", "metrics": {"err": {
+        "_target_": f"{__name__}.counted_error_rate", "higher_is_better": False}}}})[0]
+    task = Task("pos", "tagging", 4, **spec.task_arguments)
+    generator = torch.Generator().manual_seed(0)
+    accumulator, labelled = task.accumulator(CPU), []
+    CALLS.clear()
+    for length in (3, 7, 5):
+        scores, target = torch.randn(2, length, 4, generator=generator), torch.randint(0, 4, (2, length), generator=generator)
+        target[:, -1] = IGNORE_INDEX  # padding
+        accumulator.update(scores, target)
+        labelled.append((scores[target != IGNORE_INDEX], target[target != IGNORE_INDEX]))
+    # under ddp the ranks sum the accumulators' statistics before compute(): they settle first
+    statistics = DataParallel.statistics([accumulator])
+    assert not accumulator.pending and float(statistics[-1][1]) == sum(len(t) for _, t in labelled)
+    value = accumulator.compute()["err"]
+    scores, target = (torch.cat(parts) for parts in zip(*labelled))
+    assert value == pytest.approx(float((scores.argmax(-1) != target).float().mean()))
+    assert CALLS == ([len(target)] if pending_bytes is None else [4, 12, 8])

@@ -90,7 +90,13 @@ class DataParallel:
     def statistics(accumulators: Iterable[Any]) -> list[Tensor]:
         """The tensors a metric accumulator holds. Every accumulator of
         :mod:`mtl_runner.tasks` keeps additive statistics (confusion counts, error sums,
-        histograms), so their sum over ranks is the statistic of the whole split."""
+        histograms), so their sum over ranks is the statistic of the whole split. One that
+        holds batches back (a task's own metrics) takes them in first (``settle``)."""
+        accumulators = list(accumulators)
+        for acc in accumulators:
+            settle = getattr(acc, "settle", None)
+            if settle is not None:
+                settle()
         return [value for acc in accumulators for value in vars(acc).values() if isinstance(value, Tensor)]
 
     def broadcast_module_(self, module: nn.Module) -> None:
