@@ -43,7 +43,11 @@ from mtl_runner.train.state import EvalResult, FitState, StepOutcome
 class Callback:
     """Hooks into the loop. ``wants_jacobian(step)`` asks the engine for per-task
     gradients on that step (e.g. a diagnostics step). State a callback accumulates
-    across steps goes into checkpoints through ``state_dict``/``load_state_dict``."""
+    across steps goes into checkpoints through ``state_dict``/``load_state_dict``.
+    The model is put in training mode at each epoch's start and before any step that
+    finds it (its root module) in eval mode; a callback that switches a submodule alone
+    to eval mode in the middle of an epoch switches it back itself (a recursive
+    ``model.train()`` on every step was 0.3 % of a small MLP's step)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -167,8 +171,8 @@ class Trainer:
             share = share.to(self.device, non_blocking=True)
         inputs, targets = batch
         step = self.state.step
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        if not self.model.training:  # after an evaluation; fit also sets it at each epoch's start
+            self.model.train()
         with autocast(self.device, self.settings.precision):
             outputs = self._forward(inputs)
             losses = self.compute_losses(outputs, targets).float()
@@ -179,6 +183,11 @@ class Trainer:
         weights = self.balancer.weights(observed)
         need_jacobian = any(cb.wants_jacobian(step) for cb in self.callbacks)
         loss_scale = self.scaler.scale if self.scaler is not None else None
+        # The last step's gradients are released here, after the forward, not before it:
+        # then the backward's new gradients take the blocks just freed, of their sizes,
+        # instead of fresh pages (the forward's activations would have taken the freed
+        # ones). Released before the forward, a 1024 x 256 MLP's CPU step took 11 % longer.
+        self.optimizer.zero_grad(set_to_none=True)
         grads = self.engine.backward(losses, weights, need_jacobian=need_jacobian, loss_scale=loss_scale, observed=observed)
         # A Jacobian step's callbacks read the result now: its verdict cannot wait on the device.
         verdict = self.guard.check(self.state, step, observed, on_host=need_jacobian)
@@ -205,6 +214,7 @@ class Trainer:
                 cb.on_fit_start(self)
             while self.state.epoch < settings.epochs:
                 started = time.perf_counter()
+                self.model.train()
                 for batch in self._remaining_batches():
                     self._train_batch(batch)
                     progress.advance()
