@@ -185,8 +185,9 @@ class Trainer:
         loss_scale = self.scaler.scale if self.scaler is not None else None
         # The last step's gradients are released here, after the forward, not before it:
         # then the backward's new gradients take the blocks just freed, of their sizes,
-        # instead of fresh pages (the forward's activations would have taken the freed
-        # ones). Released before the forward, a 1024 x 256 MLP's CPU step took 11 % longer.
+        # instead of other memory (the forward's activations would have taken the freed
+        # ones). Released before the forward, a hand-written MLP epoch on a CPU took 2.5 %
+        # longer (docs/own-data.md#throughput).
         self.optimizer.zero_grad(set_to_none=True)
         grads = self.engine.backward(losses, weights, need_jacobian=need_jacobian, loss_scale=loss_scale, observed=observed)
         # A Jacobian step's callbacks read the result now: its verdict cannot wait on the device.
