@@ -43,11 +43,8 @@ from mtl_runner.train.state import EvalResult, FitState, StepOutcome
 class Callback:
     """Hooks into the loop. ``wants_jacobian(step)`` asks the engine for per-task
     gradients on that step (e.g. a diagnostics step). State a callback accumulates
-    across steps goes into checkpoints through ``state_dict``/``load_state_dict``.
-    The model is put in training mode at each epoch's start and before any step that
-    finds it (its root module) in eval mode; a callback that switches a submodule alone
-    to eval mode in the middle of an epoch switches it back itself (a recursive
-    ``model.train()`` on every step was 0.3 % of a small MLP's step)."""
+    across steps goes into checkpoints through ``state_dict``/``load_state_dict``. Training
+    mode is set at each epoch's start and when a step finds the root module in eval mode."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -183,11 +180,7 @@ class Trainer:
         weights = self.balancer.weights(observed)
         need_jacobian = any(cb.wants_jacobian(step) for cb in self.callbacks)
         loss_scale = self.scaler.scale if self.scaler is not None else None
-        # The last step's gradients are released here, after the forward, not before it:
-        # then the backward's new gradients take the blocks just freed, of their sizes,
-        # instead of other memory (the forward's activations would have taken the freed
-        # ones). Released before the forward, a hand-written MLP epoch on a CPU took 2.5 %
-        # longer (docs/own-data.md#throughput).
+        # After the forward: the freed blocks go to this backward's gradients (docs/own-data.md#throughput)
         self.optimizer.zero_grad(set_to_none=True)
         grads = self.engine.backward(losses, weights, need_jacobian=need_jacobian, loss_scale=loss_scale, observed=observed)
         # A Jacobian step's callbacks read the result now: its verdict cannot wait on the device.
@@ -283,9 +276,7 @@ class Trainer:
         accumulators = {t.name: t.accumulator(self.device) for t in self.tasks}
         loss_sum = torch.zeros(len(self.tasks), device=self.device, dtype=torch.float64)
         count = 0
-        for inputs, targets in split.batches(
-            self.settings.eval_batch_size, shuffle=False, generator=None, device=self.device
-        ):
+        for inputs, targets in split.batches(self.settings.eval_batch_size, shuffle=False, generator=None, device=self.device):
             if self.distributed is not None:
                 (inputs, targets), _ = self.distributed.shard((inputs, targets), len(self.tasks))
                 if all(len(t) == 0 for t in targets.values()):
@@ -305,10 +296,8 @@ class Trainer:
             count = torch.zeros_like(loss_sum) + count
             self.distributed.sum_([loss_sum, count, *self.distributed.statistics(accumulators.values())])
         losses = (loss_sum / torch.as_tensor(count, dtype=torch.float64, device=self.device).clamp_min(1)).tolist()
-        return EvalResult(
-            losses={t.name: v for t, v in zip(self.tasks, losses)},
-            metrics={name: acc.compute() for name, acc in accumulators.items()},
-        )
+        return EvalResult(losses={t.name: v for t, v in zip(self.tasks, losses)},
+                          metrics={name: acc.compute() for name, acc in accumulators.items()})
 
     def test(self) -> EvalResult:
         result = self.evaluate(self.taskset.test)
