@@ -41,11 +41,11 @@ def _reading(file: Path, read: Callable[[], Any]) -> Any:
 @contextmanager
 def system_memory_pool() -> Iterator[None]:
     """pyarrow allocates from the C library's allocator meanwhile, instead of its default
-    pool. Why: a run reads its table once, in a fresh process, and on the Linux machines we
-    measured (transparent huge pages on request) the default pool (mimalloc) made that first
-    read slower and left memory behind whose reuse stalled the next large allocation outside
-    it for about 0.4 s per 200 MB (docs/own-data.md#throughput). Buffers keep the pool they
-    came from, so restoring the default afterwards is safe."""
+    pool. Why: a run reads its table once, in a fresh process, and on the Linux machine we
+    measured (transparent huge pages on request), after a read into the default pool
+    (mimalloc) every large numpy allocation stalled, about 0.4 s per 200 MB: the read alone is
+    faster with mimalloc, the load as a whole slower (docs/own-data.md#throughput). Buffers
+    keep the pool they came from, so restoring the default afterwards is safe."""
     previous = pa.default_memory_pool()
     pa.set_memory_pool(pa.system_memory_pool())
     try:
