@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -83,10 +85,45 @@ def test_unknown_arch_and_offline_pretrained_weights_are_one_line_in_the_preflig
         raise OSError("An error happened while trying to locate the file on the Hub and we cannot find the requested files in the local cache.")
 
     monkeypatch.setattr("timm.models._builder.load_pretrained", offline)
+    monkeypatch.setattr(timm_backbone, "_unreachable", lambda timm, arch: None)  # the hub answers; the download fails
     line = _one_line_exit(["backbone=timm", "backbone.arch=test_resnet", "backbone.pretrained=true"], capsys)
     assert line.startswith("mtl-run: error: backbone.pretrained=true: could not fetch test_resnet weights (An error happened")
     assert "run once on a machine with network access" in line and "or use backbone.pretrained=false" in line
     assert not os.listdir(tmp_path)
+
+
+def test_uncached_weights_with_the_network_out_of_reach_fail_at_once_without_retrying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One request with a short timeout, not the Hugging Face client's minute of retries."""
+    monkeypatch.chdir(tmp_path)
+    asked: list[tuple[str, float]] = []
+
+    def no_network(request: urllib.request.Request, timeout: float) -> None:
+        asked.append((request.full_url, timeout))
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    def must_not_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were fetched although the host is unreachable")
+
+    monkeypatch.setattr(timm_backbone, "_cached", lambda timm, arch: False)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr("timm.models._builder.load_pretrained", must_not_download)
+    line = _one_line_exit(["backbone=timm", "backbone.arch=test_resnet", "backbone.pretrained=true"], capsys)
+    assert line == ("mtl-run: error: backbone.pretrained=true: test_resnet weights are not cached and huggingface.co cannot be "
+                    "reached ([Errno -2] Name or service not known); run once on a machine with network access (timm keeps them "
+                    "in the Hugging Face or torch hub cache), or use backbone.pretrained=false")
+    assert len(asked) == 1 and asked[0][1] == timm_backbone.PROBE_TIMEOUT_S
+    assert not os.listdir(tmp_path)
+
+
+def test_weights_in_the_torch_hub_cache_count_as_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo_id, filename: None)  # an empty HF cache
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert not timm_backbone._cached(timm, "resnet18")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resnet18_a1_0-d63eafa0.pth").touch()  # the file name of timm's weights URL for resnet18
+    assert timm_backbone._cached(timm, "resnet18")
 
 
 def test_without_timm_installed_the_backbone_says_which_extra(

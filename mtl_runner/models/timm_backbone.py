@@ -16,15 +16,20 @@ refuse it; strategies that act between stages act at its output only).
 
 ``pretrained: true`` loads timm's default pretrained weights for ``arch`` (a tag picks
 others: ``resnet18.a1_in1k``), from the Hugging Face / torch hub cache or the network;
-the preflight fetches them, or fails in one line. The input's channel count is passed to
+the preflight fetches them, or fails in one line (in seconds when the network is out of
+reach, instead of the minute the Hugging Face client spends retrying). The input's channel count is passed to
 timm (``in_chans``), so grey images work too.
 """
 
 from __future__ import annotations
 
+import os
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +39,8 @@ from mtl_runner.errors import ConfigError
 from mtl_runner.models.backbones import Backbone
 from mtl_runner.models.torchvision_backbone import measure_stages
 
+#: Seconds the weights' host has to answer before it counts as unreachable.
+PROBE_TIMEOUT_S = 5.0
 SUGGESTED = ("resnet18", "resnet10t", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto", "vit_tiny_patch16_224")
 
 
@@ -50,11 +57,56 @@ def _check_arch(timm: ModuleType, arch: str) -> None:
         raise ValueError(f"backbone.arch={arch!r} is not a timm model; e.g. {', '.join(SUGGESTED)} (timm.list_models() lists them)")
 
 
+def _cached(timm: ModuleType, arch: str) -> bool:
+    """Whether ``arch``'s pretrained weights are in the Hugging Face or torch hub cache."""
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None:
+        return False
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        names = [name for name in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin") if name]
+        if any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, name), str) for name in names):
+            return True
+    if cfg.url:
+        return os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path)))
+    return False
+
+
+def _unreachable(timm: ModuleType, arch: str) -> str | None:
+    """Why the host of ``arch``'s weights cannot be reached now; ``None`` when it answers.
+    Why ask first: without a network the Hugging Face client retries five times with
+    back-off, about a minute, before it fails; one request with a short timeout (through
+    the same proxy settings) says the same in seconds."""
+    from huggingface_hub import constants
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id and constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = constants.ENDPOINT if cfg.hf_hub_id else cfg.url
+    if not url:
+        return None
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # it answered, if only with an error status
+    except OSError as exc:  # URLError, timeouts, refused connections
+        return f"{urlparse(url).netloc} cannot be reached ({getattr(exc, 'reason', exc)})"
+    return None
+
+
 def create(arch: str, pretrained: bool, in_chans: int = 3) -> nn.Module:
     """timm's model without its classifier; pretrained weights that cannot be fetched are
-    one line that says what to do."""
+    one line that says what to do (within seconds when the network is unreachable)."""
     timm = _timm()
     _check_arch(timm, arch)
+    if pretrained and not _cached(timm, arch) and (unreachable := _unreachable(timm, arch)):
+        raise ValueError(
+            f"backbone.pretrained=true: {arch} weights are not cached and {unreachable}; run once on a machine with "
+            "network access (timm keeps them in the Hugging Face or torch hub cache), or use backbone.pretrained=false"
+        )
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans)
     except Exception as exc:
