@@ -15,9 +15,8 @@ never with a host-side test. :func:`loss_terms` gives the sum and the count behi
 mean, so an evaluation can take the exact mean over a whole split.
 
 A task may add metrics of its own (:class:`~mtl_runner.task_targets.UserMetric`, by
-``_target_``); they see the labelled entries that :func:`labelled_entries` selects, of
-several batches at once (:data:`PENDING_BYTES`), so that a selection's host sync is not
-paid per batch.
+``_target_``); they see the labelled :func:`entries` of several batches at once
+(:data:`PENDING_BYTES`), so that a selection's host sync is not paid per batch.
 
 Why this module is long: each kind's labelled mask, loss and metric
 accumulator are defined together here, so a kind's definitions cannot drift apart.
@@ -39,7 +38,7 @@ from mtl_runner.spans import ChunkCounter
 from mtl_runner.task_targets import UserMetric
 
 __all__ = [
-    "Task", "TaskKind", "Metric", "MetricAccumulator", "task_loss", "loss_terms", "labelled_entries",
+    "Task", "TaskKind", "Metric", "MetricAccumulator", "task_loss", "loss_terms", "entries",
     "METRICS", "AVAILABLE_METRICS", "ACCUMULATORS", "DENSE_KINDS", "REGRESSION_KINDS", "TOKEN_KINDS", "IGNORE_INDEX",
 ]
 
@@ -172,20 +171,14 @@ def labelled_mask(task: Task, target: Tensor) -> Tensor:
     return ~target.isnan()
 
 
-def labelled_entries(task: Task, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The labelled predictions and targets of a batch, as a metric of one's own sees them,
-    and their count: class scores ``(n, C)`` with labels ``(n,)`` (classification,
-    segmentation per pixel, token kinds per token); normals ``(n, 3)`` per pixel; every
-    other kind its labelled entries, flattened to ``(n,)``. Predictions are the head's raw
-    outputs (scores, logits for binary and multilabel)."""
-    scores, labels, mask = entries(task, pred, target)
-    return scores[mask], labels[mask], mask.sum()
-
-
 def entries(task: Task, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Every entry of a batch, labelled or not, in :func:`labelled_entries`' shapes, with the
-    mask of the labelled ones: what batches of any size can be concatenated as before the
-    selection, which (its size read back from the device) is a host sync."""
+    """Every entry of a batch, labelled or not, with the mask of the labelled ones; what a
+    metric of one's own sees is ``scores[mask], labels[mask]``: class scores ``(n, C)`` with
+    labels ``(n,)`` (classification, segmentation per pixel, token kinds per token); normals
+    ``(n, 3)`` per pixel; every other kind its entries flattened to ``(n,)``. Predictions are
+    the head's raw outputs (scores, logits for binary and multilabel). Batches of any size
+    concatenate in this form, so the selection (whose size is read back from the device: a
+    host sync) can take several at once."""
     mask = labelled_mask(task, target)
     if task.kind in ("segmentation", "normals"):  # channels first: one row per pixel
         scores, labels = pred.movedim(1, -1), target.movedim(1, -1) if task.kind == "normals" else target

@@ -22,7 +22,7 @@ from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.models.sharing.dselect_k import DSelectK, smooth_step
 from mtl_runner.models.sharing.learning_to_branch import LearningToBranch
 from mtl_runner.runner import run_experiment
-from tests.conftest import TINY, compose_config
+from tests.conftest import compose_config
 from tests.test_sharing import _taskset
 from tests.test_sharing import _config as sharing_config
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image
 from torch import Tensor
@@ -33,7 +32,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from mtl_runner.data.base import Batch, LoaderSplit, TaskSet
 from mtl_runner.data.roots import expand_root, root_check
-from mtl_runner.data.table import KINDS, TaskSpec, encode_targets, parse_tasks, read_frame, read_splits, require_columns
+from mtl_runner.data.table import KINDS, TaskSpec, encode_targets, parse_tasks
+from mtl_runner.data.table_io import read_frame, read_splits, require_columns
 from mtl_runner.errors import ConfigError, DatasetRootError
 from mtl_runner.tasks import IGNORE_INDEX, Task
 

@@ -3,7 +3,7 @@ machinery other datasets build on (``image_table``, ``text_table``).
 
 Reusable pieces:
 
-* :mod:`mtl_runner.data.table_io` (re-exported here): :func:`read_frame` reads one file
+* :mod:`mtl_runner.data.table_io`: :func:`read_frame` reads one file
   (pandas / pyarrow), :func:`read_splits` one file or one per split, split by a
   ``split_column`` (values ``train`` / ``val`` / ``test``) or by seeded ratios
   (:func:`split_rows`);
@@ -43,12 +43,12 @@ from torch import Tensor
 from mtl_runner.data import summary, table_stream
 from mtl_runner.data.base import TaskSet, TensorSplit
 from mtl_runner.data.roots import root_check
-from mtl_runner.data.table_io import (  # noqa: F401 (image_table and text_table import them from here)
-    SAMPLE_ROWS, SPLITS, check_split_files, column_names, read_columns, read_pandas, read_frame, read_splits, require_columns, split_indices,
-    split_rows, table_file,
+from mtl_runner.data.table_io import (
+    SAMPLE_ROWS, SPLITS, check_split_files, column_names, read_columns, read_pandas, read_frame, require_columns, split_indices,
+    table_file,
 )
 from mtl_runner.data.table_inputs import (
-    Columns, InputEncoder, category_codes, column_sums, is_numeric_column, numeric_blocks, numeric_matrices,
+    Columns, InputEncoder, category_codes, is_numeric_column, numeric_matrices,
 )
 from mtl_runner.errors import ConfigError
 from mtl_runner.task_targets import UserMetric, build_callable, parse_metrics
@@ -254,7 +254,7 @@ def check_table(
         sample = read_frame(file, nrows=SAMPLE_ROWS)
         columns = TableColumns.of(list(sample.columns), specs, input_columns, categorical_columns, split_column, str(file))
         check_numeric(sample, columns.numeric, str(file))
-        column_sums(numeric_blocks(sample, columns.numeric, {"sample": None})["sample"], columns.numeric, str(file), "sample")
+        numeric_matrices(sample, columns.numeric, {"sample": None}, len(columns.numeric), str(file))  # finite inputs
         for spec in specs:
             if spec.kind != "binary":  # the first rows may hold only one of the two labels
                 encode_targets(spec, {"sample": sample}, str(file), missing_values)

@@ -5,9 +5,9 @@ Built for speed on large tables (docs/own-data.md#throughput): a table held in m
 read by :func:`numeric_matrices` in one pass, a few thousand rows of the file at a time
 transposed in cache and gathered row by row into each split's matrix, its moments taken
 there (shifted float32 sums combined in float64, which also find a non-finite value), then
-standardised in place. A streamed Parquet file is encoded a row group at a time from
-column-major blocks (:func:`numeric_blocks`); blocks of rows seen one at a time combine
-their statistics exactly as one block would (:meth:`Moments.merge`).
+standardised in place. A streamed Parquet file is read the same way a row group at a time;
+chunks and row groups combine their statistics exactly as one block would
+(:meth:`Moments.merge`).
 """
 
 from __future__ import annotations
@@ -39,37 +39,15 @@ def is_numeric_column(data: Columns, name: str) -> bool:
     return pd.api.types.is_numeric_dtype(data[name]) or pd.api.types.is_bool_dtype(data[name])
 
 
-def numeric_blocks(data: Columns, columns: Sequence[str], rows: Mapping[str, np.ndarray | None]) -> dict[str, Tensor]:
-    """``columns`` of ``data`` at each entry's ``rows`` (``None``: all rows) as a
-    ``(len(columns), n)`` float32 block, one contiguous row per column; a missing cell is
-    NaN. The streamed path encodes a row group at a time from such blocks; a table held in
-    memory is read by :func:`numeric_matrices` instead."""
-    # torch's allocation, not numpy's: numpy asks for huge pages, whose first touch can stall on compaction
-    blocks = {key: torch.empty(len(columns), _num_rows(data) if index is None else len(index)).numpy()
-              for key, index in rows.items()}
-    for start, arrays in _aligned_columns(data, columns):
-        stop = start + len(arrays[0])
-        for key, index in rows.items():
-            lo, hi = (start, stop) if index is None else np.searchsorted(index, (start, stop))
-            at = slice(None) if index is None else index[lo:hi] - start
-            for j, values in enumerate(arrays):
-                blocks[key][j, lo:hi] = values[at]
-    return {key: torch.from_numpy(block) for key, block in blocks.items()}
-
-
-def column_sums(block: Tensor, columns: Sequence[str], where: str, split: str, rows: np.ndarray | None = None) -> np.ndarray:
-    """Each column's float64 sum; a non-finite input is one line naming the column and row
-    (``rows``: the block's row numbers in the file, counted from 0; default its own)."""
-    return _finite_sums(block.numpy(), columns, where, split, rows)
-
-
-def _finite_sums(block: np.ndarray, columns: Sequence[str], where: str, split: str, rows: np.ndarray | None) -> np.ndarray:
+def _finite_sums(block: np.ndarray, columns: Sequence[str], where: str, split: str, rows: np.ndarray) -> np.ndarray:
+    """Each column's float64 sum of a ``(len(columns), n)`` block; a non-finite input is one
+    line naming the column and its file row (``rows``, counted from 0)."""
     sums = block.sum(axis=1, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(sums))
     if len(bad):
         j = int(bad[0])
         i = int(np.flatnonzero(~np.isfinite(block[j]))[0])
-        row = int(rows[i]) if rows is not None else i
+        row = int(rows[i])
         raise ConfigError(f"{where}: input column {columns[j]!r} row {row + 1} ({split}): {float(block[j, i])}; "
                           "inputs must be finite numbers (drop or impute the row)")
     return sums
@@ -96,12 +74,16 @@ def _assignable(values: np.ndarray) -> np.ndarray:
 
 
 def numeric_matrices(
-    data: Columns, columns: Sequence[str], rows: Mapping[str, np.ndarray | None], width: int, where: str
+    data: Columns, columns: Sequence[str], rows: Mapping[str, np.ndarray | None], width: int, where: str,
+    first_row: int = 0,
 ) -> dict[str, tuple[Tensor, Moments]]:
     """Per entry of ``rows`` (sorted row numbers; ``None``: every row): a row-major
     ``(n, width)`` float32 matrix whose first ``len(columns)`` columns hold those rows of the
     numeric ``columns`` as read (standardised later, in place, by
-    :meth:`InputEncoder.standardise`), and the moments of those values.
+    :meth:`InputEncoder.standardise`), and the moments of those values. A non-finite value
+    is one line naming its file row: ``first_row`` is the file row of ``data``'s first (a
+    streamed row group's). The one reading path of a table's numeric inputs: in memory,
+    streamed row group by row group, and the preflight's sample.
 
     Why this shape: :data:`CHUNK_ROWS` rows of the file at a time are copied column by column
     into a scratch and transposed into a row-major scratch, both small enough to stay in
@@ -130,7 +112,8 @@ def numeric_matrices(
                     continue
                 rows_here = gathered[:hi - lo]
                 np.take(by_row.numpy(), at[lo:hi] - (start + first), axis=0, out=rows_here, mode="clip")  # in range: no bounds check
-                moments[key] = moments[key].merge(Moments.of_rows(rows_here, shifted[:hi - lo], columns, where, key, at[lo:hi]))
+                file_rows = at[lo:hi] + first_row
+                moments[key] = moments[key].merge(Moments.of_rows(rows_here, shifted[:hi - lo], columns, where, key, file_rows))
                 matrices[key][lo:hi, :k] = rows_here
     return {key: (torch.from_numpy(matrices[key]), moments[key]) for key in index}
 
@@ -147,16 +130,6 @@ class Moments:
     count: int
     mean: np.ndarray
     m2: np.ndarray
-
-    @classmethod
-    def of(cls, block: Tensor, sums: np.ndarray) -> Moments:
-        count = block.shape[1]
-        mean = sums / max(count, 1)
-        m2 = np.empty_like(mean)
-        for j, values in enumerate(block.numpy()):  # a column at a time: no block-sized temporary
-            centred = values - np.float32(mean[j])
-            m2[j] = np.dot(centred, centred)
-        return cls(count, mean, m2)
 
     @classmethod
     def of_rows(cls, rows: np.ndarray, shifted: np.ndarray, columns: Sequence[str], where: str, split: str,
@@ -240,13 +213,6 @@ class InputEncoder:
     @property
     def width(self) -> int:
         return len(self.numeric) + sum(len(v) for v in self.categories.values())
-
-    def encode(self, numeric: Tensor, codes: Sequence[Tensor]) -> Tensor:
-        """The model's inputs ``(n, width)`` from a ``(len(numeric), n)`` block and one code
-        vector per categorical column."""
-        out = torch.empty(numeric.shape[1], self.width)
-        out[:, :len(self.numeric)].copy_(numeric.t())
-        return self.standardise(out, codes)
 
     def standardise(self, matrix: Tensor, codes: Sequence[Tensor]) -> Tensor:
         """``matrix`` ``(n, width)``, whose first columns hold the raw numeric inputs, made

@@ -4,8 +4,9 @@ What a table needs per row besides its numeric inputs (the targets, the split co
 categorical inputs' codes) is a few numbers, read once and kept in memory exactly as the
 in-memory path keeps them (same split, same target encoding, same categories). The
 numeric inputs, the bulk of a wide table, stay on disk: a first pass over the row groups
-fits their statistics (:class:`~mtl_runner.data.table_inputs.Moments` merged row group by
-row group, so they equal the in-memory statistics up to float rounding) and checks every
+fits their statistics (read as in memory, by
+:func:`~mtl_runner.data.table_inputs.numeric_matrices`, a row group at a time, so they equal
+the in-memory statistics up to float rounding) and checks every
 value is finite; each pass over a split then reads its row groups in a seeded random order,
 a window of them at a time (as many as fill a quarter of the budget), shuffles the rows
 within the window and cuts batches, carrying a window's last partial batch into the next:
@@ -26,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from mtl_runner.data.base import Batch, default_num_workers
-from mtl_runner.data.table_inputs import InputEncoder, Moments, column_sums, numeric_blocks
+from mtl_runner.data.table_inputs import InputEncoder, Moments, numeric_matrices
 from mtl_runner.errors import ConfigError
 
 #: Share of the memory budget a pass's shuffle window may fill with encoded inputs.
@@ -58,11 +59,9 @@ def first_pass(parquet: pq.ParquetFile, numeric: Sequence[str], rows: dict[str, 
     for group in range(parquet.num_row_groups):
         data = parquet.read_row_group(group, columns=list(numeric))
         here = {name: split_rows[slice(*np.searchsorted(split_rows, starts[group:group + 2]))] for name, split_rows in rows.items()}
-        blocks = numeric_blocks(data, numeric, {name: file_rows - starts[group] for name, file_rows in here.items()})
-        for name, block in blocks.items():
-            sums = column_sums(block, numeric, file, name, here[name])
-            if name == "train":
-                moments = moments.merge(Moments.of(block, sums))
+        local = {name: file_rows - starts[group] for name, file_rows in here.items()}
+        read = numeric_matrices(data, numeric, local, len(numeric), file, first_row=int(starts[group]))  # checks every split
+        moments = moments.merge(read["train"][1])
     return moments
 
 
@@ -118,8 +117,9 @@ class StreamSplit:
         lo, hi = int(self.bounds[group]), int(self.bounds[group + 1])
         data = parquet.read_row_group(group, columns=self.numeric)
         local = self.rows[lo:hi] - self.starts[group]
-        block = numeric_blocks(data, self.numeric, {"rows": None if hi - lo == data.num_rows else local})["rows"]
-        return self.encoder.encode(block, [code[lo:hi] for code in self.codes]), torch.arange(lo, hi)
+        matrix, _ = numeric_matrices(data, self.numeric, {"rows": local}, self.encoder.width, str(self.path),
+                                     first_row=int(self.starts[group]))["rows"]
+        return self.encoder.standardise(matrix, [code[lo:hi] for code in self.codes]), torch.arange(lo, hi)
 
 
 class _Passes(IterableDataset):

@@ -16,7 +16,8 @@ from typing import Any
 
 from mtl_runner.data.base import TaskSet
 from mtl_runner.data.roots import root_check
-from mtl_runner.data.table import SAMPLE_ROWS, SPLITS, encode_targets, parse_tasks, read_frame, read_splits, require_columns
+from mtl_runner.data.table import encode_targets, parse_tasks
+from mtl_runner.data.table_io import SAMPLE_ROWS, SPLITS, read_frame, read_splits, require_columns
 from mtl_runner.data.text import WORDS, Example, encode_split, text_taskset, tokenizer_for
 from mtl_runner.errors import ConfigError
 
