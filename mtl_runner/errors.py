@@ -12,7 +12,7 @@ from typing import Any
 
 from hydra.utils import get_object
 
-__all__ = ["ConfigError", "DatasetRootError", "ReportError", "locate"]
+__all__ = ["ConfigError", "DatasetRootError", "ReportError", "locate", "option_name"]
 
 
 class ConfigError(ValueError):
@@ -40,3 +40,10 @@ def locate(path: str) -> Any:
         return get_object(path)
     finally:
         logger.disabled = was_disabled
+
+
+def option_name(obj: object) -> str:
+    """The option a user types for this object's class (``surgery=pcgrad``,
+    ``sharing=mtan``): the name of the module that defines it, one option per module; what
+    a one-line error names."""
+    return type(obj).__module__.rsplit(".", 1)[-1]

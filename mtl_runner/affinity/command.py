@@ -41,8 +41,7 @@ from mtl_runner.affinity.transfer import transfer_affinity
 from mtl_runner.assemble import build_run, prepare_process
 from mtl_runner.config import CONF_DIR, validate
 from mtl_runner.data.base import TaskSet
-from mtl_runner.errors import ConfigError
-from mtl_runner.models.sharing.base import strategy_name
+from mtl_runner.errors import ConfigError, option_name
 from mtl_runner.preflight import fail, preflight
 from mtl_runner.train.logger import RunLogger
 
@@ -66,7 +65,7 @@ def joint_run(ctx: Context, measures: list[str]) -> dict[str, AffinityMatrix]:
     trainer = build_run(cfg, None, name="affinity", taskset=ctx.taskset, logger=ctx.logger, callbacks=[gradient],
                         diagnostics=False).trainer
     if not trainer.engine.shared:
-        raise ConfigError(f"mtl-affinity measures on shared parameters; sharing={strategy_name(trainer.model)} has none (use sharing=hard)")
+        raise ConfigError(f"mtl-affinity measures on shared parameters; sharing={option_name(trainer.model)} has none (use sharing=hard)")
     lr = float(aff.lookahead_lr if aff.lookahead_lr is not None else cfg.optimizer.lr)
     lookahead = LookaheadAffinity(trainer, lr, aff.every_n_steps) if "lookahead" in measures else None
     names = list(ctx.taskset.task_names)

@@ -4,7 +4,7 @@ MTAN``). A new strategy subclasses :class:`SharingModel`, gets a YAML in
 ``conf/sharing/`` and a line here.
 """
 
-from mtl_runner.models.sharing.base import BackboneFactory, SharingModel, build_columns, strategy_name
+from mtl_runner.models.sharing.base import BackboneFactory, SharingModel, build_columns
 from mtl_runner.models.sharing.cgc import CGC
 from mtl_runner.models.sharing.cross_stitch import CrossStitch
 from mtl_runner.models.sharing.dselect_k import DSelectK
@@ -18,7 +18,7 @@ from mtl_runner.models.sharing.ple import PLE
 from mtl_runner.models.sharing.soft import SoftSharing
 
 __all__ = [
-    "BackboneFactory", "SharingModel", "build_columns", "strategy_name",
+    "BackboneFactory", "SharingModel", "build_columns",
     "CGC", "CrossStitch", "DSelectK", "FiLM", "HardSharing", "LearningToBranch", "MMoE", "MTAN", "PLE",
     "Separate", "SoftSharing",
 ]

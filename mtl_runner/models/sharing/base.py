@@ -116,8 +116,3 @@ def build_columns(backbone: BackboneFactory, tasks: Sequence[Task], input_shape:
         encoders[task.name] = backbone()
         heads[task.name] = encoders[task.name].make_head(task, input_shape)
     return encoders, heads
-
-
-def strategy_name(model: nn.Module) -> str:
-    """The option name a user types for this model (``sharing=<module name>``)."""
-    return type(model).__module__.rsplit(".", 1)[-1]

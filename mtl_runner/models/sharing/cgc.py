@@ -40,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from mtl_runner.models.backbones import Backbone
-from mtl_runner.models.sharing.base import BackboneFactory, SharingModel, strategy_name
+from mtl_runner.errors import option_name
+from mtl_runner.models.sharing.base import BackboneFactory, SharingModel
 from mtl_runner.tasks import Task
 
 
@@ -213,7 +214,7 @@ class ExtractionNetwork(SharingModel):
         return [p for expert in self.levels[-1].shared_experts for p in _last_stage(expert).parameters()]
 
     def diagnostics(self) -> dict[str, Tensor]:
-        prefix = strategy_name(self)
+        prefix = option_name(self)
         out: dict[str, Tensor] = {}
         for j, level in enumerate(self.levels):
             where = f"{prefix}/level{j}" if len(self.levels) > 1 else prefix

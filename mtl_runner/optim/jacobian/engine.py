@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtl_runner.errors import option_name
 from mtl_runner.models.sharing.base import SharingModel
 from mtl_runner.optim.balancers.base import Balancer
 from mtl_runner.optim.jacobian.context import LossScale, Split, StepContext, StepGradients
@@ -168,7 +169,7 @@ def check_task_subset(balancer: Balancer, surgery: Surgery) -> None:
     task's rows (``requires_grads``) cannot have them. Preflight calls this too, so the
     line comes before a run directory exists."""
     if surgery.task_subset is not None and balancer.requires_grads is not None:
-        name = type(balancer).__module__.rsplit(".", 1)[-1]
+        name = option_name(balancer)
         raise ValueError(
             f"surgery.task_subset computes the rows of a few tasks per step, but balancer={name} reads every "
             "task's gradient rows: use a loss-based balancer (uniform, uncertainty, dwa, rlw, ...) or task_subset=null"
@@ -178,15 +179,15 @@ def check_task_subset(balancer: Balancer, surgery: Surgery) -> None:
 def _refuse_without_shared(model: SharingModel, balancer: Balancer, surgery: Surgery) -> None:
     """A model without shared parameters gives surgery and gradient-based balancers nothing
     to act on: refuse them (one line, before training) instead of silently doing nothing."""
-    sharing = type(model).__module__.rsplit(".", 1)[-1]
+    sharing = option_name(model)
     if surgery.needs_jacobian:
-        name = type(surgery).__module__.rsplit(".", 1)[-1]
+        name = option_name(surgery)
         raise ValueError(
             f"surgery={name} acts on shared parameters, but sharing={sharing} has none (each task has its own "
             "encoder): use surgery=none, or a sharing strategy with shared parameters (hard, cross_stitch, mtan, mmoe, film)"
         )
     if balancer.requires_grads is not None:
-        name = type(balancer).__module__.rsplit(".", 1)[-1]
+        name = option_name(balancer)
         raise ValueError(
             f"balancer={name} needs task gradients of shared parameters, but sharing={sharing} has none (each task has "
             "its own encoder): use a loss-based balancer (uniform, uncertainty, dwa, rlw, ...) or a sharing strategy "

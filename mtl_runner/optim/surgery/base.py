@@ -37,6 +37,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from mtl_runner.errors import option_name
+
 Space = Literal["params", "features"]
 
 
@@ -236,7 +238,7 @@ def _checked_task_subset(surgery: Surgery, task_subset: int | None) -> int | Non
         return None
     if isinstance(task_subset, bool) or not isinstance(task_subset, int) or task_subset < 1:
         raise ValueError(f"surgery.task_subset must be null (exact) or an integer >= 1, got {task_subset!r}")
-    name = type(surgery).__module__.rsplit(".", 1)[-1]
+    name = option_name(surgery)
     if not surgery.allows_task_subset:
         raise ValueError(
             f"surgery.task_subset is for methods that re-weight the rows without state across steps "

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtl_runner.errors import option_name
 from mtl_runner.optim.surgery.base import Surgery
 
 
@@ -43,7 +44,7 @@ class CarriedSimplexWeights(Surgery):
         them back on the CPU)."""
         weights = self.simplex_weights
         if weights is None or weights.shape != (num_tasks,):
-            name = type(self).__module__.rsplit(".", 1)[-1]
+            name = option_name(self)
             set_up_for = None if weights is None else weights.shape[0]
             raise ValueError(
                 f"surgery={name} was set up for {set_up_for} tasks but got {num_tasks}: call setup(num_tasks, generator) first"
